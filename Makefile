@@ -1,0 +1,19 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test venv clean
+
+$(PY): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(PY)
+
+venv: $(PY)
+
+test: $(PY)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) output/demo

@@ -1,0 +1,89 @@
+"""Model configurations: the ViT family with TRAR routing fields.
+
+Configs are data. Edit the TRAR fields here (or override them from the command line with
+`train.py --orders 0,1,2` / `--set transformer.pooling=fc`):
+
+- `transformer.orders`: span orders routed over in every block. Order 0 is global attention,
+  order `o` lets a patch attend to the (2o+1)x(2o+1) window around it on the patch grid.
+  `[]` is a plain ViT with no routing parameters at all.
+- `transformer.pooling`: how the router summarises the tokens: `avg`, `attention` or `fc`.
+- `transformer.routing`: `soft` (softmax over orders) or `hard` (Gumbel-softmax with temperature
+  tau, annealed from `tau_max` to `tau_min` during training).
+- `transformer.binarize`: with hard routing, use a one-hot argmax at evaluation, so each sample
+  computes a single span.
+
+The patch grid (the original code's hand-edited `img_scale`) is derived from the image size and
+patch size by the model; a config that still sets `img_scale` must agree with it.
+"""
+import copy
+
+import ml_collections
+
+
+def _vit_config(patch: int, hidden: int, mlp: int, heads: int, layers: int,
+                orders: tuple[int, ...] = (0, 1, 2)) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.patches = ml_collections.ConfigDict({'size': (patch, patch)})
+    config.hidden_size = hidden
+    config.transformer = ml_collections.ConfigDict()
+    config.transformer.mlp_dim = mlp
+    config.transformer.num_heads = heads
+    config.transformer.num_layers = layers
+    config.transformer.attention_dropout_rate = 0.0
+    config.transformer.dropout_rate = 0.1
+    config.transformer.orders = list(orders)
+    config.transformer.pooling = 'avg'
+    config.transformer.routing = 'soft'
+    config.transformer.tau_max = 10.0
+    config.transformer.tau_min = 0.1
+    config.transformer.binarize = False
+    config.classifier = 'token'
+    config.representation_size = None
+    return config
+
+
+def get_testing():
+    """A tiny but non-degenerate config: 32-px images give an 8x8 grid; routes over [0, 1]."""
+    return _vit_config(patch=4, hidden=32, mlp=64, heads=2, layers=2, orders=(0, 1))
+
+
+def get_b16_config():
+    """ViT-B/16 with the original TRAR defaults: orders [0, 1, 2], avg pooling, soft routing."""
+    return _vit_config(patch=16, hidden=768, mlp=3072, heads=12, layers=12)
+
+
+def get_b32_config():
+    """ViT-B/32."""
+    return _vit_config(patch=32, hidden=768, mlp=3072, heads=12, layers=12)
+
+
+def get_l16_config():
+    """ViT-L/16."""
+    return _vit_config(patch=16, hidden=1024, mlp=4096, heads=16, layers=24)
+
+
+def get_l32_config():
+    """ViT-L/32."""
+    return _vit_config(patch=32, hidden=1024, mlp=4096, heads=16, layers=24)
+
+
+def get_h14_config():
+    """ViT-H/14."""
+    return _vit_config(patch=14, hidden=1280, mlp=5120, heads=16, layers=32)
+
+
+CONFIGS = {
+    'ViT-B_16': get_b16_config(),
+    'ViT-B_32': get_b32_config(),
+    'ViT-L_16': get_l16_config(),
+    'ViT-L_32': get_l32_config(),
+    'ViT-H_14': get_h14_config(),
+    'testing': get_testing(),
+}
+
+
+def get_config(model_type: str) -> ml_collections.ConfigDict:
+    """A private copy of a named config, safe to modify."""
+    if model_type not in CONFIGS:
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of {sorted(CONFIGS)}")
+    return copy.deepcopy(CONFIGS[model_type])

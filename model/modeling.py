@@ -1,0 +1,283 @@
+"""Vision Transformer with TRAR routed attention spans.
+
+Module names follow ViT-pytorch, so its state dicts load directly into a plain model
+(`transformer.embeddings.*`, `transformer.encoder.layer.{i}.attn.{query,key,value,out}`, `head`).
+A routed model adds `attn.router.*` to every block. `load_from` reads Google's official `.npz`.
+"""
+from typing import Mapping, Sequence
+
+import ml_collections
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+
+from .trar import Router, as_grid, check_orders, routed_attention, routed_attention_maps, span_masks
+
+
+class Embeddings(nn.Module):
+    """Patch embedding, CLS token and learned position embedding."""
+
+    def __init__(self, config: ml_collections.ConfigDict, img_size: tuple[int, int]):
+        super().__init__()
+        patch = as_grid(config.patches.size)
+        for side, p in zip(img_size, patch):
+            if side % p:
+                raise ValueError(f"image size {img_size} is not divisible by the patch size {patch}")
+        self.grid = (img_size[0] // patch[0], img_size[1] // patch[1])
+        hidden = config.hidden_size
+        self.patch_embeddings = nn.Conv2d(3, hidden, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], hidden))
+        self.dropout = nn.Dropout(config.transformer.dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embeddings(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.dropout(x + self.position_embeddings)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; routed over span orders when the block has a router."""
+
+    def __init__(self, config: ml_collections.ConfigDict, num_orders: int):
+        super().__init__()
+        hidden, self.num_heads = config.hidden_size, config.transformer.num_heads
+        if hidden % self.num_heads:
+            raise ValueError(f"hidden_size {hidden} is not divisible by num_heads {self.num_heads}")
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.dropout_p = config.transformer.attention_dropout_rate
+        self.proj_dropout = nn.Dropout(self.dropout_p)
+        t = config.transformer
+        self.router = Router(hidden, num_orders, t.pooling, t.routing, t.binarize) if num_orders else None
+        self.last_alphas: torch.Tensor | None = None
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, H, N, D / H)."""
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None, return_map: bool = False):
+        q, k, v = self.heads(self.query(x)), self.heads(self.key(x)), self.heads(self.value(x))
+        dropout_p = self.dropout_p if self.training else 0.0
+        attention_map = None
+        if self.router is None:
+            if return_map:
+                attention_map = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+                context = attention_map @ v
+            else:
+                context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            alphas = self.router(x)
+            self.last_alphas = alphas.detach()
+            if return_map:
+                attention_map = routed_attention_maps(q, k, masks, alphas)
+                context = attention_map.to(v.dtype) @ v
+            else:
+                context = routed_attention(q, k, v, masks, alphas, dropout_p=dropout_p)
+        out = self.proj_dropout(self.out(context.transpose(1, 2).flatten(2)))
+        return out, attention_map
+
+
+class Mlp(nn.Module):
+    """The feed-forward block: Linear, GELU, Linear, with dropout."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.transformer.mlp_dim)
+        self.fc2 = nn.Linear(config.transformer.mlp_dim, config.hidden_size)
+        self.dropout = nn.Dropout(config.transformer.dropout_rate)
+        nn.init.xavier_uniform_(self.fc1.weight)
+        nn.init.xavier_uniform_(self.fc2.weight)
+        nn.init.normal_(self.fc1.bias, std=1e-6)
+        nn.init.normal_(self.fc2.bias, std=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block."""
+
+    def __init__(self, config: ml_collections.ConfigDict, num_orders: int):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
+        self.attn = Attention(config, num_orders)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
+        self.ffn = Mlp(config)
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None, return_map: bool = False):
+        attended, attention_map = self.attn(self.attention_norm(x), masks, return_map)
+        x = x + attended
+        return x + self.ffn(self.ffn_norm(x)), attention_map
+
+
+class Encoder(nn.Module):
+    """The stack of blocks and the final norm; holds the span masks shared by every block."""
+
+    def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int]):
+        super().__init__()
+        orders = list(config.transformer.orders)
+        self.layer = nn.ModuleList(Block(config, len(orders)) for _ in range(config.transformer.num_layers))
+        self.encoder_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
+        self.register_buffer('span_masks', span_masks(grid, orders) if orders else None, persistent=False)
+
+    def forward(self, x: torch.Tensor, return_maps: bool = False):
+        maps = []
+        for block in self.layer:
+            x, attention_map = block(x, self.span_masks, return_maps)
+            maps.append(attention_map)
+        return self.encoder_norm(x), maps
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ml_collections.ConfigDict, img_size: tuple[int, int]):
+        super().__init__()
+        self.embeddings = Embeddings(config, img_size)
+        self.encoder = Encoder(config, self.embeddings.grid)
+
+    def forward(self, x: torch.Tensor, return_maps: bool = False):
+        return self.encoder(self.embeddings(x), return_maps)
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier; every block routes its attention over `config.transformer.orders` (TRAR).
+
+    `orders=[]` gives a plain ViT with no routing parameters. `img_size` is an int or (h, w).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, img_size: int | Sequence[int] = 224,
+                 num_classes: int = 21843, zero_head: bool = False):
+        super().__init__()
+        self.config = config
+        self.img_size = as_grid(img_size)
+        self.num_classes = num_classes
+        self.zero_head = zero_head
+        if config.classifier != 'token':
+            raise ValueError(f"unknown classifier {config.classifier!r}; expected 'token'")
+        self.transformer = Transformer(config, self.img_size)
+        self.grid = self.transformer.embeddings.grid
+        check_orders(config.transformer.orders, self.grid)
+        _check_img_scale(config, self.grid)
+        self.head = nn.Linear(config.hidden_size, num_classes)
+        if zero_head:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def is_routed(self) -> bool:
+        return len(self.config.transformer.orders) > 0
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = (3, *self.img_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"input of shape {tuple(x.shape)}; expected (batch, {', '.join(map(str, expected))})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, num_classes) logits."""
+        self._check_input(x)
+        tokens, _ = self.transformer(x)
+        return self.head(tokens[:, 0])
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, the (B, heads, N, N) attention map actually used (the routed mix for TRAR)."""
+        self._check_input(x)
+        _, maps = self.transformer(x, return_maps=True)
+        return maps
+
+    def routing_weights(self) -> torch.Tensor | None:
+        """Routing weights of the last forward pass: (num_layers, B, len(orders)), or None."""
+        alphas = [block.attn.last_alphas for block in self.transformer.encoder.layer]
+        if not self.is_routed or alphas[0] is None:
+            return None
+        return torch.stack(alphas)
+
+    def set_tau(self, tau: float) -> None:
+        """Set the Gumbel-softmax temperature of every router (hard routing)."""
+        if not tau > 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        for block in self.transformer.encoder.layer:
+            if block.attn.router is not None:
+                block.attn.router.tau.fill_(tau)
+
+    @torch.no_grad()
+    def load_from(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Load Google's official ViT `.npz` checkpoint (e.g. `np.load('imagenet21k/ViT-B_16.npz')`).
+
+        Loads everything but the head when `zero_head`; resizes the position-embedding grid when
+        the image size differs; routers keep their initialisation. Missing keys or wrong shapes
+        raise a ValueError listing them all.
+        """
+        params = dict(_official_to_torch(weights, self.config, skip_head=self.zero_head))
+        params['transformer.embeddings.position_embeddings'] = _resize_posemb(
+            params['transformer.embeddings.position_embeddings'], self.grid)
+        own = self.state_dict()
+        wrong = [f"{name}: file {tuple(value.shape)} vs model {tuple(own[name].shape)}"
+                 for name, value in params.items() if tuple(value.shape) != tuple(own[name].shape)]
+        if wrong:
+            raise ValueError(f"checkpoint shapes do not fit this config: {'; '.join(wrong)}")
+        for name, value in params.items():
+            own[name].copy_(value)
+
+
+def _check_img_scale(config: ml_collections.ConfigDict, grid: tuple[int, int]) -> None:
+    """The original code's hand-set `img_scale` (grid side) is accepted only when it agrees."""
+    for scope in (config, config.transformer):
+        scale = scope.get('img_scale')
+        if scale is not None and tuple(as_grid(scale)) != grid:
+            raise ValueError(f"config img_scale={scale} disagrees with the {grid[0]}x{grid[1]} patch grid "
+                             "of this image and patch size; remove img_scale, it is derived now")
+
+
+def _official_to_torch(weights: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
+                       skip_head: bool):
+    """Yield (state-dict name, tensor) pairs from an official `.npz`; raise listing missing keys."""
+    hidden = config.hidden_size
+    names = {
+        'transformer.embeddings.patch_embeddings.weight': ('embedding/kernel', lambda w: w.transpose(3, 2, 0, 1)),
+        'transformer.embeddings.patch_embeddings.bias': ('embedding/bias', None),
+        'transformer.embeddings.cls_token': ('cls', None),
+        'transformer.embeddings.position_embeddings': ('Transformer/posembed_input/pos_embedding', None),
+        'transformer.encoder.encoder_norm.weight': ('Transformer/encoder_norm/scale', None),
+        'transformer.encoder.encoder_norm.bias': ('Transformer/encoder_norm/bias', None),
+    }
+    if not skip_head:
+        names['head.weight'] = ('head/kernel', lambda w: w.T)
+        names['head.bias'] = ('head/bias', None)
+    for i in range(config.transformer.num_layers):
+        ours, theirs = f'transformer.encoder.layer.{i}.', f'Transformer/encoderblock_{i}/'
+        attention = theirs + 'MultiHeadDotProductAttention_1/'
+        for part in ('query', 'key', 'value', 'out'):
+            names[f'{ours}attn.{part}.weight'] = (f'{attention}{part}/kernel', lambda w: w.reshape(hidden, hidden).T)
+            names[f'{ours}attn.{part}.bias'] = (f'{attention}{part}/bias', lambda w: w.reshape(-1))
+        for j, part in ((0, 'fc1'), (1, 'fc2')):
+            names[f'{ours}ffn.{part}.weight'] = (f'{theirs}MlpBlock_3/Dense_{j}/kernel', lambda w: w.T)
+            names[f'{ours}ffn.{part}.bias'] = (f'{theirs}MlpBlock_3/Dense_{j}/bias', None)
+        for j, part in ((0, 'attention_norm'), (2, 'ffn_norm')):
+            names[f'{ours}{part}.weight'] = (f'{theirs}LayerNorm_{j}/scale', None)
+            names[f'{ours}{part}.bias'] = (f'{theirs}LayerNorm_{j}/bias', None)
+    missing = [key for key, _ in names.values() if key not in weights]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} keys for this config: {', '.join(missing)}")
+    for name, (key, convert) in names.items():
+        value = np.asarray(weights[key])
+        yield name, torch.from_numpy(np.ascontiguousarray(convert(value) if convert else value)).float()
+
+
+def _resize_posemb(posemb: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a (1, 1 + g*g, D) position embedding to `grid` as the official code does (zoom, order 1)."""
+    n_new = 1 + grid[0] * grid[1]
+    if posemb.shape[1] == n_new:
+        return posemb
+    cls_token, patches = posemb[:, :1], posemb[0, 1:].numpy()
+    side = int(round(np.sqrt(len(patches))))
+    if side * side != len(patches):
+        raise ValueError(f"position embedding with {len(patches)} patch tokens is not a square grid")
+    patches = patches.reshape(side, side, -1)
+    patches = ndimage.zoom(patches, (grid[0] / side, grid[1] / side, 1), order=1)
+    patches = torch.from_numpy(patches.reshape(1, grid[0] * grid[1], -1))
+    return torch.cat([cls_token, patches], dim=1)

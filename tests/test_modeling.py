@@ -1,0 +1,189 @@
+"""VisionTransformer: configs, checkpoint loading, routing bookkeeping and input validation."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import CONFIGS, get_config
+from model.modeling import VisionTransformer
+from official_npz import make_official_weights, numpy_vit_logits
+
+REFERENCE_KEYS = Path(__file__).parent / 'data' / 'vit_pytorch_b16_state_dict.txt'
+
+
+def plain(model_type: str = 'testing'):
+    config = get_config(model_type)
+    config.transformer.orders = []
+    return config
+
+
+def test_configs_exist_and_testing_routes_by_default():
+    for name in ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14', 'testing'):
+        assert name in CONFIGS
+    assert get_config('testing').transformer.orders == [0, 1]
+    b16 = get_config('ViT-B_16').transformer
+    assert (b16.orders, b16.pooling, b16.routing) == ([0, 1, 2], 'avg', 'soft')
+    copy = get_config('ViT-B_16')
+    copy.transformer.orders = []
+    assert CONFIGS['ViT-B_16'].transformer.orders == [0, 1, 2]
+    with pytest.raises(ValueError, match='ViT-X_99'):
+        get_config('ViT-X_99')
+
+
+def test_plain_b16_is_exactly_vit_and_matches_vit_pytorch_layout():
+    model = VisionTransformer(plain('ViT-B_16'), img_size=224, num_classes=1000)
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+    assert total == 86_567_656 and total - head == 85_798_656
+    assert not model.is_routed and model.routing_weights() is None
+    expected = {}
+    for line in REFERENCE_KEYS.read_text().splitlines():
+        if line and not line.startswith('#'):
+            name, shape = line.split(' ', 1)
+            expected[name] = tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
+    assert {name: tuple(t.shape) for name, t in model.state_dict().items()} == expected
+
+
+def test_vit_pytorch_state_dict_loads_into_plain_model():
+    source = VisionTransformer(plain(), img_size=32, num_classes=10)
+    target = VisionTransformer(plain(), img_size=32, num_classes=10)
+    target.load_state_dict(source.state_dict())
+    source.eval(), target.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(target(x), source(x))
+
+
+def test_routed_model_adds_only_router_parameters():
+    routed = VisionTransformer(get_config('testing'), img_size=32, num_classes=10)
+    plain_keys = set(VisionTransformer(plain(), img_size=32, num_classes=10).state_dict())
+    extra = set(routed.state_dict()) - plain_keys
+    assert plain_keys <= set(routed.state_dict())
+    assert extra and all('.attn.router.' in key for key in extra)
+
+
+@pytest.mark.parametrize('pre_logits', [False, True])
+def test_official_npz_gives_independent_logits(tmp_path, pre_logits):
+    config = plain()
+    weights = make_official_weights(config, img_size=32, num_classes=7, pre_logits=pre_logits)
+    np.savez(tmp_path / 'vit.npz', **weights)
+    model = VisionTransformer(config, img_size=32, num_classes=7).eval()
+    model.load_from(np.load(tmp_path / 'vit.npz'))
+    images = np.random.default_rng(1).standard_normal((3, 3, 32, 32))
+    expected = numpy_vit_logits(weights, images, config.transformer.num_layers)
+    got = model(torch.from_numpy(images).float()).double().detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_official_npz_into_routed_model_keeps_router_init():
+    config = get_config('testing')
+    model = VisionTransformer(config, img_size=32, num_classes=7, zero_head=True)
+    routers = {k: v.clone() for k, v in model.state_dict().items() if '.router.' in k}
+    weights = make_official_weights(config, img_size=32, num_classes=21843)
+    model.load_from(weights)
+    for key, value in routers.items():
+        assert torch.equal(model.state_dict()[key], value)
+    assert torch.equal(model.head.weight, torch.zeros_like(model.head.weight))
+    np.testing.assert_array_equal(model.transformer.embeddings.cls_token.detach().numpy(), weights['cls'])
+
+
+def test_position_embedding_is_resized_like_the_official_code():
+    config = plain()
+    weights = make_official_weights(config, img_size=32, num_classes=5)  # 8x8 grid
+    rows, cols = np.meshgrid(np.arange(8), np.arange(8), indexing='ij')
+    ramp = np.stack([rows, cols, rows + 2 * cols], -1).astype(np.float32)  # linear in position
+    posemb = weights['Transformer/posembed_input/pos_embedding']
+    posemb[0, 1:, :3] = ramp.reshape(64, 3)
+    model = VisionTransformer(config, img_size=48, num_classes=5)  # 12x12 grid
+    model.load_from(weights)
+    new = model.transformer.embeddings.position_embeddings.detach()[0]
+    torch.testing.assert_close(new[0], torch.from_numpy(posemb[0, 0]))
+    # Linear interpolation with corners aligned maps new index i to old index i * 7 / 11.
+    r, c = np.meshgrid(np.arange(12) * 7 / 11, np.arange(12) * 7 / 11, indexing='ij')
+    expected = np.stack([r, c, r + 2 * c], -1).reshape(144, 3)
+    np.testing.assert_allclose(new[1:, :3].numpy(), expected, atol=1e-4)
+
+
+def test_load_from_lists_missing_keys_and_wrong_shapes():
+    config = plain()
+    weights = make_official_weights(config, img_size=32, num_classes=5)
+    del weights['cls'], weights['Transformer/encoderblock_1/LayerNorm_2/bias']
+    model = VisionTransformer(config, img_size=32, num_classes=5)
+    with pytest.raises(ValueError, match='cls.*encoderblock_1/LayerNorm_2/bias'):
+        model.load_from(weights)
+    wrong = make_official_weights(config, img_size=32, num_classes=9)
+    with pytest.raises(ValueError, match=r'head\.weight'):
+        model.load_from(wrong)
+
+
+def test_routing_weights_and_tau():
+    config = get_config('testing')
+    config.transformer.routing = 'hard'
+    config.transformer.binarize = True
+    model = VisionTransformer(config, img_size=32, num_classes=3)
+    model.set_tau(0.5)
+    assert all(float(b.attn.router.tau) == 0.5 for b in model.transformer.encoder.layer)
+    x = torch.randn(4, 3, 32, 32)
+    model(x)
+    weights = model.routing_weights()
+    assert weights.shape == (2, 4, 2) and not weights.requires_grad
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4))
+    model.eval()
+    model(x)
+    assert set(model.routing_weights().unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match='tau'):
+        model.set_tau(0.0)
+
+
+def test_attention_maps_are_the_maps_the_forward_pass_uses():
+    torch.manual_seed(0)
+    model = VisionTransformer(get_config('testing'), img_size=32, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    maps = model.attention_maps(x)
+    assert len(maps) == 2 and maps[0].shape == (2, 2, 65, 65)
+    torch.testing.assert_close(maps[-1].sum(-1), torch.ones(2, 2, 65))
+    # Rebuild layer 0's output from its map and compare with the fused path.
+    block = model.transformer.encoder.layer[0]
+    tokens = model.transformer.embeddings(x)
+    fused, _ = block.attn(block.attention_norm(tokens), model.transformer.encoder.span_masks)
+    normed = block.attention_norm(tokens)
+    v = block.attn.heads(block.attn.value(normed))
+    rebuilt = block.attn.out((maps[0] @ v).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(rebuilt, fused, rtol=1e-4, atol=1e-5)
+
+
+def test_non_square_images():
+    model = VisionTransformer(get_config('testing'), img_size=(16, 32), num_classes=3)
+    assert model.grid == (4, 8)
+    assert model(torch.randn(2, 3, 16, 32)).shape == (2, 3)
+
+
+@pytest.mark.parametrize('change, kwargs, message', [
+    ({}, {'img_size': 30}, 'not divisible'),
+    ({'transformer.orders': [0, 8]}, {}, 'order 8'),
+    ({'transformer.pooling': 'max'}, {}, 'pooling'),
+    ({'transformer.routing': 'sparse'}, {}, 'routing'),
+])
+def test_bad_config_values_are_rejected(change, kwargs, message):
+    config = get_config('testing')
+    for key, value in change.items():
+        section, field = key.split('.')
+        config[section][field] = value
+    with pytest.raises(ValueError, match=message):
+        VisionTransformer(config, **{'img_size': 32, 'num_classes': 3, **kwargs})
+
+
+def test_wrong_input_shape_is_rejected():
+    model = VisionTransformer(get_config('testing'), img_size=32, num_classes=3)
+    for shape in [(2, 3, 48, 48), (2, 1, 32, 32), (3, 32, 32)]:
+        with pytest.raises(ValueError, match='expected'):
+            model(torch.randn(*shape))
+
+
+def test_legacy_img_scale_must_agree():
+    config = get_config('testing')
+    config.transformer.img_scale = 8
+    VisionTransformer(config, img_size=32, num_classes=3)
+    with pytest.raises(ValueError, match='img_scale=24'):
+        config.transformer.img_scale = 24
+        VisionTransformer(config, img_size=32, num_classes=3)
