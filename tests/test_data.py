@@ -1,0 +1,146 @@
+"""Datasets, transforms, the sharded sampler and the schedules."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader
+
+from utils.data_utils import (Augmented, ShardedSampler, UnreadableImage, class_names, collate_skipping_none,
+                              digits_split, get_eval_transform, get_train_transform, load_split, to_rgb)
+from utils.scheduler import build_scheduler, lr_factor, tau_at
+
+
+def test_digits_split_is_fixed_disjoint_and_complete():
+    train_x, train_y = digits_split('train')
+    val_x, val_y = digits_split('val')
+    assert len(train_y) + len(val_y) == 1797 and len(val_y) == 360
+    again_x, _ = digits_split('val')
+    assert np.array_equal(val_x, again_x)
+    digits = load_digits()
+    originals = {tuple(np.round(img * 255 / 16).astype(np.uint8).ravel()) for img in digits.images}
+    assert {tuple(x.ravel()) for x in val_x} <= originals
+    assert np.bincount(val_y).min() >= 35  # stratified: every digit is in the validation part
+
+
+def test_digits_images_upscale_to_any_size():
+    dataset = Augmented(load_split('digits', '', train=False), get_eval_transform(48), seed=0)
+    image, label = dataset[0]
+    assert image.shape == (3, 48, 48) and 0 <= label <= 9
+    assert image.min() >= -1 and image.max() <= 1
+    assert class_names('digits') == [str(i) for i in range(10)]
+
+
+@pytest.mark.parametrize('mode', ['L', 'LA', 'P', 'RGBA', 'CMYK', 'I;16', 'I', 'F', '1'])
+def test_every_image_mode_becomes_rgb(mode):
+    gray = np.linspace(0, 1, 64).reshape(8, 8)
+    base = Image.fromarray((gray * 255).astype(np.uint8))
+    if mode == 'I;16':
+        image = Image.fromarray((gray * 65535).astype(np.uint16))
+        assert image.mode == 'I;16'
+    elif mode in ('I', 'F'):
+        image = Image.fromarray((gray * 255).astype(np.int32 if mode == 'I' else np.float32), mode=mode)
+    else:
+        image = base.convert(mode)
+    rgb = to_rgb(image)
+    assert rgb.mode == 'RGB' and rgb.size == (8, 8)
+    if mode not in ('1', 'P', 'CMYK'):
+        np.testing.assert_allclose(np.asarray(rgb)[..., 0], np.asarray(base), atol=1)
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only():
+    source = load_split('digits', '', train=True)
+    dataset = Augmented(source, get_train_transform(32, 'flip'), seed=3)
+    first = dataset[5][0]
+    torch.manual_seed(123)  # the global generator does not matter
+    assert torch.equal(dataset[5][0], first)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[5][0], first)
+    other_seed = Augmented(source, get_train_transform(32, 'flip'), seed=4)
+    assert not torch.equal(other_seed[5][0], first)
+
+
+def test_batches_do_not_depend_on_worker_count():
+    dataset = Augmented(load_split('digits', '', train=True), get_train_transform(16, 'flip'), seed=0)
+    sampler = ShardedSampler(len(dataset), 16, rank=0, world_size=1, seed=0)
+
+    def batches(workers):
+        loader = DataLoader(dataset, batch_size=16, sampler=sampler, num_workers=workers,
+                            collate_fn=collate_skipping_none)
+        return [images for images, _, _ in loader][:6]
+
+    for a, b in zip(batches(0), batches(2)):
+        assert torch.equal(a, b)
+
+
+def test_sharded_sampler_splits_each_global_batch_across_processes():
+    size, global_batch = 103, 12
+    single = list(ShardedSampler(size, global_batch, 0, 1, seed=7))
+    shards = [list(ShardedSampler(size, global_batch, r, 3, seed=7)) for r in range(3)]
+    assert len(single) == (size // global_batch) * global_batch and len(set(single)) == len(single)
+    for step in range(size // global_batch):
+        union = sorted(i for shard in shards for i in shard[step * 4:(step + 1) * 4])
+        assert union == sorted(single[step * 12:(step + 1) * 12])
+    resumed = ShardedSampler(size, global_batch, 1, 3, seed=7)
+    resumed.set_epoch(0, start=8)
+    assert list(resumed) == shards[1][8:] and len(resumed) == len(shards[1]) - 8
+    resumed.set_epoch(1)
+    assert list(resumed) != shards[1]
+    with pytest.raises(ValueError, match='fewer than one global batch'):
+        ShardedSampler(10, 16, 0, 1, seed=0)
+
+
+def test_imagefolder_reports_or_skips_corrupt_files(tmp_path):
+    for name in ('cat', 'dog'):
+        (tmp_path / 'train' / name).mkdir(parents=True)
+        Image.new('RGB', (10, 10), 'red').save(tmp_path / 'train' / name / 'ok.png')
+    png = (tmp_path / 'train' / 'dog' / 'ok.png').read_bytes()
+    (tmp_path / 'train' / 'dog' / 'broken.png').write_bytes(png[:len(png) // 2])
+    strict = load_split('imagenet', str(tmp_path), train=True)
+    assert strict.classes == ['cat', 'dog']
+    with pytest.raises(UnreadableImage, match='broken.png'):
+        [strict.load(i) for i in range(len(strict))]
+    lenient = Augmented(load_split('imagenet', str(tmp_path), train=True, skip_corrupt=True),
+                        get_eval_transform(8), seed=0)
+    images, labels, skipped = collate_skipping_none([lenient[i] for i in range(len(lenient))])
+    assert skipped == 1 and images.shape == (2, 3, 8, 8) and labels.tolist() == [0, 1]
+
+
+def test_missing_datasets_say_where_to_put_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match='train'):
+        load_split('imagenet', str(tmp_path), train=True)
+    with pytest.raises(ValueError, match='mnist'):
+        load_split('mnist', str(tmp_path), train=True)
+
+
+def test_lr_schedule_warmup_then_decay():
+    assert lr_factor(0, 10, 110, 'cosine') == 0 and lr_factor(5, 10, 110, 'cosine') == 0.5
+    assert lr_factor(10, 10, 110, 'cosine') == 1 and lr_factor(110, 10, 110, 'cosine') == pytest.approx(0)
+    assert lr_factor(60, 10, 110, 'cosine') == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(60, 10, 110, 'linear') == pytest.approx(0.5)
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.2)
+    scheduler = build_scheduler(optimizer, 'linear', 2, 4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.0, 0.1, 0.2, 0.1])
+    with pytest.raises(ValueError, match='step'):
+        build_scheduler(optimizer, 'step', 2, 4)
+
+
+def test_tau_policies():
+    assert tau_at(0, 100, 10, 10.0, 0.1, 'slow') == 10.0
+    assert tau_at(50, 100, 10, 10.0, 0.1, 'slow') == pytest.approx(5.05)
+    assert tau_at(100, 100, 10, 10.0, 0.1, 'slow') == pytest.approx(0.1)
+    assert tau_at(5, 100, 10, 10.0, 0.1, 'fast') == pytest.approx(5.5)
+    assert tau_at(10, 100, 10, 10.0, 0.1, 'fast') == pytest.approx(1.0)
+    assert tau_at(100, 100, 10, 10.0, 0.1, 'fast') == pytest.approx(0.1)
+    assert tau_at(0, 100, 10, 10.0, 0.1, 'finetune') == pytest.approx(1.0)
+    assert tau_at(100, 100, 10, 10.0, 0.1, 'finetune') == pytest.approx(0.1)
+    with pytest.raises(ValueError, match='quick'):
+        tau_at(0, 10, 1, 10.0, 0.1, 'quick')

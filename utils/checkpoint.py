@@ -1,0 +1,63 @@
+"""Checkpoints: atomic writes, RNG state capture, and the config check on resume.
+
+A checkpoint is a plain dict that loads with `torch.load(path, weights_only=True)`.
+"""
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: a kill mid-write leaves the old file whole."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    torch.save(state, tmp)
+    with open(tmp, 'rb') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: str | Path) -> dict:
+    """Load a checkpoint written by train.py, with a one-line error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable checkpoint: {str(error).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
+        raise ValueError(f"{path} is not a checkpoint of this repository (no 'state_dict')")
+    return checkpoint
+
+
+def rng_state() -> dict:
+    """This process's random states (torch CPU and CUDA, numpy, python) in weights_only-loadable types."""
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        'numpy': [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        'python': random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    keys, position, has_gauss, cached = state['numpy']
+    np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+
+
+def check_compatible(checkpoint: dict, expected: dict) -> None:
+    """Raise a one-line error naming every field where a checkpoint's model differs from this run's."""
+    differences = [f"{key}: checkpoint {checkpoint.get(key)!r} vs run {value!r}"
+                   for key, value in expected.items() if checkpoint.get(key) != value]
+    if differences:
+        raise ValueError("checkpoint is from another model: " + '; '.join(differences))

@@ -1,0 +1,45 @@
+"""Learning-rate schedules (linear warmup, then cosine or linear decay) and TRAR's temperature policies."""
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+DECAY_TYPES = ('cosine', 'linear')
+TAU_POLICIES = ('slow', 'fast', 'finetune')
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, decay_type: str) -> float:
+    """Multiplier of the base learning rate after `step` optimizer steps."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if decay_type == 'cosine':
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def build_scheduler(optimizer: Optimizer, decay_type: str, warmup_steps: int, total_steps: int) -> LambdaLR:
+    """Warmup then decay, stepped once per optimizer step (after `optimizer.step()`)."""
+    if decay_type not in DECAY_TYPES:
+        raise ValueError(f"unknown decay_type {decay_type!r}; expected one of {DECAY_TYPES}")
+    return LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, decay_type))
+
+
+def tau_at(step: int, total_steps: int, warmup_steps: int, tau_max: float, tau_min: float, policy: str) -> float:
+    """Gumbel-softmax temperature of hard routing at `step`, after TRAR's three policies.
+
+    TRAR anneals per epoch; here the same shapes are laid over the run's steps:
+    - slow: linear from tau_max to tau_min over the whole run;
+    - fast: linear from tau_max to 1 during warmup, then linear from 1 to tau_min;
+    - finetune: for a model that already routes, linear from 1 to tau_min.
+    """
+    if policy not in TAU_POLICIES:
+        raise ValueError(f"unknown tau policy {policy!r}; expected one of {TAU_POLICIES}")
+    progress = min(1.0, step / max(1, total_steps))
+    if policy == 'slow':
+        return tau_max - (tau_max - tau_min) * progress
+    if policy == 'fast' and step < warmup_steps:
+        return tau_max - (tau_max - 1.0) * step / warmup_steps
+    start = warmup_steps if policy == 'fast' else 0
+    progress = min(1.0, (step - start) / max(1, total_steps - start))
+    return max(tau_min, 1.0 - (1.0 - tau_min) * progress)
