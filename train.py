@@ -16,6 +16,7 @@ import resource
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ml_collections
@@ -186,6 +187,80 @@ def log_routing(writer: SummaryWriter, model: VisionTransformer, step: int) -> N
             writer.add_scalar(f'routing/layer{layer:02d}_order{order}', weight, step)
 
 
+@dataclass
+class RunState:
+    """Where a run stands: saved in every checkpoint, restored on resume."""
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0  # optimizer steps done in this epoch
+    best_acc: float = 0.0
+    final_acc: float | None = None
+    seconds: float = 0.0
+    skipped_images: int = 0
+
+
+class Throughput:
+    """Images per second since the last reading."""
+
+    def __init__(self):
+        self.start, self.images = time.time(), 0
+
+    def count(self, images: int) -> None:
+        self.images += images
+
+    def rate(self) -> float:
+        now = time.time()
+        rate = self.images / max(now - self.start, 1e-9)
+        self.start, self.images = now, 0
+        return rate
+
+
+def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
+                    scaler, autocast, args: argparse.Namespace, state: RunState, set_tau, after_step) -> bool:
+    """Optimizer steps over the rest of this epoch's micro-batches; True once `num_steps` are done.
+
+    Each step accumulates `gradient_accumulation_steps` micro-batches (DDP synchronises on the last one),
+    then unscales, clips, steps the optimizer and then the scheduler.
+    """
+    accumulation = args.gradient_accumulation_steps
+    distributed = isinstance(model, DistributedDataParallel)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    model.train()
+    for micro_step, (images, labels, skipped) in enumerate(loader, start=1):
+        if set_tau is not None:
+            set_tau(state.step)
+        state.skipped_images += skipped
+        images = images.to(device=device, dtype=dtype, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        last_micro = micro_step % accumulation == 0
+        with model.no_sync() if distributed and not last_micro else nullcontext():
+            with autocast():
+                loss = F.cross_entropy(model(images).float(), labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {state.step + 1}; the last good "
+                                         f"checkpoint is {Path(args.output_dir) / args.name / 'last.ckpt'}")
+            scaled = loss / accumulation
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if not last_micro:
+            continue
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step, state.epoch_step = state.step + 1, state.epoch_step + 1
+        after_step(loss)
+        if state.step >= args.num_steps:
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = get_args(argv)
     device = dist_util.init_distributed(args.device)
@@ -230,14 +305,13 @@ def main(argv: list[str] | None = None) -> dict:
     val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, sampler=range(rank, len(val_set), world),
                             **loader_options)
 
-    step, epoch, epoch_step, best_acc, seconds_before, skipped = 0, 0, 0, 0.0, 0.0, 0
+    state = RunState()
     if resume is not None:
         optimizer.load_state_dict(resume['optimizer'])
         scheduler.load_state_dict(resume['scheduler'])
         if scaler is not None and resume.get('scaler'):
             scaler.load_state_dict(resume['scaler'])
-        step, epoch, epoch_step = resume['step'], resume['epoch'], resume['epoch_step']
-        best_acc, seconds_before, skipped = resume['best_acc'], resume['seconds'], resume['skipped_images']
+        state = RunState(**{field: resume[field] for field in RunState.__dataclass_fields__})
         if len(resume['rng']) == world:
             checkpoints.set_rng_state(resume['rng'][rank])
         elif main_process:
@@ -252,106 +326,78 @@ def main(argv: list[str] | None = None) -> dict:
     routed_hard = model.is_routed and config.transformer.routing == 'hard'
     tau = lambda s: tau_at(s, args.num_steps, args.warmup_steps, config.transformer.tau_max,
                            config.transformer.tau_min, args.tau_policy)
+    seconds_before, start_time = state.seconds, time.time()
+    meter = Throughput()
 
-    def save(final_acc: float, improved: bool) -> None:
-        state = {
-            'state_dict': model.state_dict(), 'step': step, 'best_acc': best_acc, 'final_acc': final_acc,
-            **identity, 'dataset': args.dataset, 'class_names': list(train_set.classes), 'args': vars(args),
+    def save(improved: bool) -> None:
+        state.seconds = seconds_before + time.time() - start_time
+        checkpoint = {
+            'state_dict': model.state_dict(), **asdict(state), **identity, 'dataset': args.dataset,
+            'class_names': list(train_set.classes), 'args': vars(args),
             'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
             'scaler': scaler.state_dict() if scaler is not None else None,
-            'epoch': epoch, 'epoch_step': epoch_step, 'seconds': seconds_before + time.time() - start_time,
-            'skipped_images': skipped, 'rng': dist_util.all_gather_objects(checkpoints.rng_state()),
+            'rng': dist_util.all_gather_objects(checkpoints.rng_state()),
         }
         if main_process:
-            checkpoints.save_atomic(state, out_dir / 'last.ckpt')
+            checkpoints.save_atomic(checkpoint, out_dir / 'last.ckpt')
             if improved:
-                checkpoints.save_atomic(state, out_dir / 'best.ckpt')
+                checkpoints.save_atomic(checkpoint, out_dir / 'best.ckpt')
         dist_util.barrier()
 
-    start_time = window_start = time.time()
-    final_acc, window_images = None, 0
-    with tqdm(total=args.num_steps, initial=step, disable=not main_process, desc=args.name,
+    def after_step(loss: torch.Tensor, progress: tqdm) -> None:
+        """Log, and every eval_every steps evaluate and checkpoint."""
+        progress.update(1)
+        meter.count(args.train_batch_size)
+        if main_process and (state.step % 10 == 0 or state.step == args.num_steps):
+            lr, throughput = scheduler.get_last_lr()[0], meter.rate()
+            progress.set_postfix(loss=f'{loss.item():.4f}', lr=f'{lr:.2e}', img_s=f'{throughput:.1f}')
+            scalars = {'train/loss': loss.item(), 'train/lr': lr, 'train/images_per_second': throughput,
+                       'train/peak_memory_mib': peak_memory_mib(device)}
+            if routed_hard:
+                scalars['train/tau'] = tau(state.step)
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, state.step)
+            log_routing(writer, model, state.step)
+        if state.step % args.eval_every and state.step != args.num_steps:
+            return
+        accuracy, val_loss = evaluate(model, val_loader, device, autocast)
+        if not math.isfinite(val_loss):
+            raise FloatingPointError(f"non-finite validation loss at step {state.step}; the last good "
+                                     f"checkpoint is {out_dir / 'last.ckpt'}")
+        improved = accuracy > state.best_acc
+        state.final_acc, state.best_acc = accuracy, max(state.best_acc, accuracy)
+        if main_process:
+            writer.add_scalar('val/accuracy', accuracy, state.step)
+            writer.add_scalar('val/loss', val_loss, state.step)
+            progress.write(f"step {state.step}: validation accuracy {accuracy:.4f} (best {state.best_acc:.4f})")
+        save(improved)
+
+    with tqdm(total=args.num_steps, initial=state.step, disable=not main_process, desc=args.name,
               dynamic_ncols=True) as progress:
-        model.train()
-        while step < args.num_steps:
-            sampler.set_epoch(epoch, start=epoch_step * args.train_batch_size // world)
-            train_set.set_epoch(epoch)
-            for micro_step, (images, labels, dropped) in enumerate(train_loader, start=1):
-                if routed_hard:
-                    model.set_tau(tau(step))
-                skipped += dropped
-                images = images.to(device=device, dtype=cast_dtype, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                last_micro = micro_step % accumulation == 0
-                with ddp_model.no_sync() if world > 1 and not last_micro else nullcontext():
-                    with autocast():
-                        loss = F.cross_entropy(ddp_model(images).float(), labels)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}; the last good "
-                                                 f"checkpoint is {out_dir / 'last.ckpt'}")
-                    scaled = loss / accumulation
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                if not last_micro:
-                    continue
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if args.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step, epoch_step = step + 1, epoch_step + 1
-                window_images += args.train_batch_size
-                progress.update(1)
+        while state.step < args.num_steps:
+            sampler.set_epoch(state.epoch, start=state.epoch_step * args.train_batch_size // world)
+            train_set.set_epoch(state.epoch)
+            finished = train_one_epoch(ddp_model, train_loader, optimizer, scheduler, scaler, autocast, args, state,
+                                       set_tau=(lambda step: model.set_tau(tau(step))) if routed_hard else None,
+                                       after_step=lambda loss: after_step(loss, progress))
+            if not finished:
+                state.epoch, state.epoch_step = state.epoch + 1, 0
 
-                if main_process and (step % 10 == 0 or step == args.num_steps):
-                    throughput = window_images / (time.time() - window_start)
-                    window_start, window_images = time.time(), 0
-                    lr = scheduler.get_last_lr()[0]
-                    progress.set_postfix(loss=f'{loss.item():.4f}', lr=f'{lr:.2e}', img_s=f'{throughput:.1f}')
-                    writer.add_scalar('train/loss', loss.item(), step)
-                    writer.add_scalar('train/lr', lr, step)
-                    writer.add_scalar('train/images_per_second', throughput, step)
-                    writer.add_scalar('train/peak_memory_mib', peak_memory_mib(device), step)
-                    if routed_hard:
-                        writer.add_scalar('train/tau', tau(step), step)
-                    log_routing(writer, model, step)
-                if step % args.eval_every == 0 or step == args.num_steps:
-                    final_acc, val_loss = evaluate(model, val_loader, device, autocast)
-                    if not math.isfinite(val_loss):
-                        raise FloatingPointError(f"non-finite validation loss at step {step}; the last good "
-                                                 f"checkpoint is {out_dir / 'last.ckpt'}")
-                    improved = final_acc > best_acc
-                    best_acc = max(best_acc, final_acc)
-                    if main_process:
-                        writer.add_scalar('val/accuracy', final_acc, step)
-                        writer.add_scalar('val/loss', val_loss, step)
-                        progress.write(f"step {step}: validation accuracy {final_acc:.4f} (best {best_acc:.4f})")
-                    save(final_acc, improved)
-                if step >= args.num_steps:
-                    break
-            else:
-                epoch, epoch_step = epoch + 1, 0
-
-    if final_acc is None:  # resumed from the final checkpoint: nothing left to train
-        final_acc, _ = evaluate(model, val_loader, device, autocast)
+    if state.final_acc is None:  # resumed from the final checkpoint: nothing left to train
+        state.final_acc, _ = evaluate(model, val_loader, device, autocast)
     results = {
         'name': args.name, 'model_type': args.model_type, 'orders': list(config.transformer.orders),
-        'img_size': args.img_size, 'dataset': args.dataset, 'best_acc': best_acc, 'final_acc': final_acc,
-        'steps': step, 'seconds': round(seconds_before + time.time() - start_time, 2),
+        'img_size': args.img_size, 'dataset': args.dataset, 'best_acc': state.best_acc,
+        'final_acc': state.final_acc, 'steps': state.step, 'seconds': round(seconds_before + time.time() - start_time, 2),
         'peak_memory_mib': round(peak_memory_mib(device), 1),
         'peak_memory_kind': 'cuda_max_allocated' if device.type == 'cuda' else 'cpu_max_rss',
-        'world_size': world, 'skipped_images': skipped,
+        'world_size': world, 'skipped_images': state.skipped_images,
     }
     if main_process:
         writer.close()
         (out_dir / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
-        if skipped:
-            print(f"skipped {skipped} unreadable images", file=sys.stderr)
+        if state.skipped_images:
+            print(f"skipped {state.skipped_images} unreadable images", file=sys.stderr)
         print(json.dumps(results), flush=True)
     dist_util.cleanup()
     return results
