@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from model.config import CONFIGS, get_config
+from model.config import CONFIGS, get_config, parse_orders
 from model.modeling import VisionTransformer
 from utils import checkpoint as checkpoints
 from utils import dist_util
@@ -90,15 +90,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: expected a positive integer")
     return args
-
-
-def parse_orders(text: str) -> list[int]:
-    if text.strip().lower() in ('none', ''):
-        return []
-    try:
-        return [int(part) for part in text.split(',')]
-    except ValueError:
-        raise ValueError(f"--orders {text!r}: expected comma-separated integers like '0,1,2' or 'none'") from None
 
 
 def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:

@@ -82,6 +82,16 @@ CONFIGS = {
 }
 
 
+def parse_orders(text: str) -> list[int]:
+    """Span orders from the command line: '0,1,2' -> [0, 1, 2]; 'none' -> [] (a plain ViT)."""
+    if text.strip().lower() in ('none', ''):
+        return []
+    try:
+        return [int(part) for part in text.split(',')]
+    except ValueError:
+        raise ValueError(f"orders {text!r}: expected comma-separated integers like '0,1,2' or 'none'") from None
+
+
 def get_config(model_type: str) -> ml_collections.ConfigDict:
     """A private copy of a named config, safe to modify."""
     if model_type not in CONFIGS:

@@ -91,7 +91,7 @@ def test_orders_and_set_override_the_config(tmp_path):
 @pytest.mark.parametrize('extra, message', [
     (['--set', 'transformer.heads=3'], 'no such config field'),
     (['--set', 'hidden_size=wide'], 'hidden_size=wide'),
-    (['--orders', '0,one'], "expected comma-separated integers"),
+    (['--orders', '0,one'], "orders '0,one': expected comma-separated integers"),
     (['--gradient_accumulation_steps', '3'], 'not divisible by 1 processes x 3'),
     (['--orders', '0,8'], 'order 8'),
 ])
