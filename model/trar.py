@@ -61,17 +61,31 @@ def span_masks(grid: int | Sequence[int], orders: Sequence[int], num_prefix_toke
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor,
                      alphas: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """`sum_l alphas[:, l] * softmax(q k^T / sqrt(d), masked by masks[l]) v`.
+    """`sum_l alphas[:, l] * softmax(q k^T / sqrt(d), masked by masks[l]) v`, never building the (B, L, H, N, N) stack.
 
-    q, k, v: (B, H, N, d); masks: (L, N, N) bool; alphas: (B, L). Returns (B, H, N, d).
-    Attention dropout, when training, is applied to each order's map.
+    q, k, v: (B, H, N, d); masks: (L, N, N) bool, True = may attend; alphas: (B, L). Returns (B, H, N, d).
+    Each order is one fused masked attention (`scaled_dot_product_attention`), so only the per-order
+    outputs are kept for the backward pass, never an N x N map. In inference, samples whose weight
+    for an order is zero (hard routing with `binarize`) skip that order. Attention dropout applies to
+    each order's map.
     """
-    out = None
+    if not torch.is_grad_enabled() and bool((alphas == 0).any()):
+        return _only_weighted_orders(q, k, v, masks, alphas)
+    out = 0
     for index in range(masks.shape[0]):
-        mask = None if bool(masks[index].all()) else masks[index]
-        span = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        weighted = alphas[:, index, None, None, None].to(span.dtype) * span
-        out = weighted if out is None else out + weighted
+        span = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[index], dropout_p=dropout_p)
+        out = out + alphas[:, index, None, None, None].to(span.dtype) * span
+    return out
+
+
+def _only_weighted_orders(q, k, v, masks, alphas) -> torch.Tensor:
+    """Inference with zero weights (e.g. one-hot routing): each order runs only on the samples that use it."""
+    out = torch.zeros_like(q)
+    for index in range(masks.shape[0]):
+        samples = alphas[:, index].nonzero().flatten()
+        if len(samples):
+            span = F.scaled_dot_product_attention(q[samples], k[samples], v[samples], attn_mask=masks[index])
+            out[samples] += alphas[samples, index, None, None, None].to(span.dtype) * span
     return out
 
 

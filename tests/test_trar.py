@@ -97,6 +97,18 @@ def test_routed_attention_matches_reference_forward_and_backward(batch, heads, g
         torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-4)
 
 
+def test_inference_with_one_hot_weights_computes_each_sample_once():
+    torch.manual_seed(2)
+    grid, orders = (4, 5), (0, 1, 2)
+    q, k, v = (torch.randn(5, 2, 21, 8) for _ in range(3))
+    choice = torch.tensor([2, 0, 1, 2, 2])
+    alphas = torch.nn.functional.one_hot(choice, 3).float()
+    with torch.no_grad():
+        out = routed_attention(q, k, v, span_masks(grid, orders), alphas)
+    expected = reference_routed_attention(q, k, v, reference_masks(*grid, orders), alphas)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_routed_attention_one_hot_alpha_is_that_span():
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 2, 17, 8) for _ in range(3))
