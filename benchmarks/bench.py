@@ -1,0 +1,233 @@
+"""Side-by-side training-step benchmark: plain ViT-B/16, TRAR ViT-B/16 and the original stacked formulation.
+
+    python benchmarks/bench.py --img_size 384 --batch 2 --orders 0,1,2             # CPU, two threads
+    python benchmarks/bench.py --img_size 224 --batch 4 --orders 0,1,2,3
+    python benchmarks/bench.py --device cuda --dtype bf16 --img_size 384 --batch 64 --compile
+
+Every variant runs in this one process, interleaved round by round (ABCABC...), and the table shows
+medians over the rounds, so machine noise hits all variants alike. Peak memory: on CUDA
+`max_memory_allocated` over a step; on a CPU, which keeps no allocator statistics, each variant runs
+a step in a fresh child process and reports its peak resident memory above the memory it had before
+building the model. `timm` (benchmarks/requirements.txt) adds timm's ViT-B/16 when installed.
+"""
+import argparse
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import modeling  # noqa: E402
+from model.config import get_config, parse_orders  # noqa: E402
+from model.modeling import VisionTransformer  # noqa: E402
+from model.trar import span_masks  # noqa: E402
+
+
+def stacked_attention(q, k, v, masks, alphas, dropout_p=0.0):
+    """The original TRAR formulation: one masked softmax map per order, stacked (B, L, H, N, N), mixed, applied to V."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    maps = torch.stack([scores.masked_fill(~mask, -1e9).softmax(-1) for mask in masks], dim=1)
+    mixed = (maps * alphas[:, :, None, None, None].to(maps.dtype)).sum(dim=1)
+    return F.dropout(mixed, dropout_p) @ v
+
+
+class StackedViT(VisionTransformer):
+    """The TRAR model with its attention swapped for the stacked formulation."""
+
+    def forward(self, x):
+        original = modeling.routed_attention
+        modeling.routed_attention = stacked_attention
+        try:
+            return super().forward(x)
+        finally:
+            modeling.routed_attention = original
+
+
+def build(variant: str, args) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if variant.startswith('timm'):
+        import timm
+        return timm.create_model('vit_base_patch16_224', img_size=args.img_size, num_classes=1000)
+    config = get_config('ViT-B_16')
+    config.transformer.dropout_rate = 0.0
+    config.transformer.orders = [] if variant == 'plain' else parse_orders(args.orders)
+    cls = StackedViT if variant == 'stacked' else VisionTransformer
+    return cls(config, img_size=args.img_size, num_classes=1000)
+
+
+def variants(args) -> list[str]:
+    names = ['plain', 'trar', 'stacked']
+    try:
+        import timm  # noqa: F401
+        names.append('timm')
+    except ImportError:
+        print('timm is not installed: skipping its ViT-B/16 (pip install -r benchmarks/requirements.txt)')
+    return names
+
+
+def make_step(model: torch.nn.Module, args, device: torch.device):
+    """One forward+backward training step on a fixed random batch."""
+    model.to(device).train()
+    if args.compile:
+        model = torch.compile(model)
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    labels = torch.randint(0, 1000, (args.batch,), device=device)
+    dtype = torch.bfloat16 if args.dtype == 'bf16' else None
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(steps: dict, args, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each step function, interleaved over rounds after warm-up."""
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def attention_steps(args, device: torch.device) -> dict:
+    """routed_attention and the stacked baseline alone, forward+backward, at ViT-B/16's shapes."""
+    grid = args.img_size // 16
+    n, heads, dim = grid * grid + 1, 12, 64
+    orders = parse_orders(args.orders)
+    masks = span_masks(grid, orders).to(device)
+    dtype = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
+    q, k, v = (torch.randn(args.batch, heads, n, dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    alphas = torch.randn(args.batch, len(orders), device=device).softmax(-1)
+
+    def step_of(function):
+        def step():
+            function(q, k, v, masks, alphas).sum().backward()
+            q.grad = k.grad = v.grad = None
+        return step
+    return {'routed_attention': step_of(modeling.routed_attention), 'stacked_attention': step_of(stacked_attention)}
+
+
+def peak_memory_mib(kind: str, name: str, args) -> float:
+    """Peak memory of one step of `name` (a model variant or an attention function)."""
+    device = torch.device(args.device)
+    if device.type == 'cuda':
+        steps = attention_steps(args, device) if kind == 'attention' else {name: make_step(build(name, args), args, device)}
+        steps[name]()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        steps[name]()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    with multiprocessing.get_context('spawn').Pool(1) as pool:
+        return pool.apply(_cpu_peak_rss_mib, (kind, name, args))
+
+
+def _proc_status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in KiB; unlike ru_maxrss, VmHWM starts afresh at exec."""
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return int(line.split()[1])
+    raise RuntimeError(f'no {field} in /proc/self/status')
+
+
+def _cpu_peak_rss_mib(kind: str, name: str, args) -> float:
+    torch.set_num_threads(args.threads)
+    before = _proc_status_kib('VmRSS')
+    device = torch.device('cpu')
+    step = attention_steps(args, device)[name] if kind == 'attention' else make_step(build(name, args), args, device)
+    step()
+    step()
+    return (_proc_status_kib('VmHWM') - before) / 1024
+
+
+def forward_flops(args) -> float:
+    """Model FLOPs of one ViT-B/16 forward pass per image (matmuls only; a step is three times this)."""
+    n, d, mlp, layers = (args.img_size // 16) ** 2 + 1, 768, 3072, 12
+    per_layer = 2 * n * (4 * d * d + 2 * d * mlp) + 2 * 2 * n * n * d
+    return layers * per_layer + 2 * (n - 1) * 3 * 16 * 16 * d
+
+
+def matmul_rate(device: torch.device) -> float:
+    """Measured bf16 matmul FLOP/s of this GPU."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    synchronize(device)
+    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--img_size', type=int, default=384)
+    p.add_argument('--batch', type=int, default=2)
+    p.add_argument('--orders', default='0,1,2')
+    p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16'])
+    p.add_argument('--compile', action='store_true', help='torch.compile every model')
+    p.add_argument('--repeats', type=int, default=5, help='timed rounds (the median is reported)')
+    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--threads', type=int, default=2, help='CPU threads')
+    p.add_argument('--no_memory', action='store_true', help='skip the peak-memory measurements')
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {args.threads} threads'
+    print(f"# ViT-B/16 {args.img_size}px, batch {args.batch}, orders [{args.orders}], {args.dtype}, "
+          f"compile {'on' if args.compile else 'off'}, {name}, torch {torch.__version__}")
+
+    names = variants(args)
+    step_times = time_rounds({n: make_step(build(n, args), args, device) for n in names}, args, device)
+    attention_times = time_rounds(attention_steps(args, device), args, device)
+    memory = {}
+    if not args.no_memory:
+        memory = {n: peak_memory_mib('model', n, args) for n in names}
+        memory.update({n: peak_memory_mib('attention', n, args) for n in attention_times})
+
+    print(f"\n| variant | step time (s) | vs plain | images/s | peak memory (MiB) | vs plain |")
+    print("|---|---|---|---|---|---|")
+    for n in names:
+        mem = f"{memory[n]:.0f} | {memory[n] / memory['plain']:.2f}x" if memory else '- | -'
+        print(f"| {n} | {step_times[n]:.3f} | {step_times[n] / step_times['plain']:.2f}x | "
+              f"{args.batch / step_times[n]:.1f} | {mem} |")
+    routed, stacked = attention_times['routed_attention'], attention_times['stacked_attention']
+    print(f"\n| attention alone, fwd+bwd | time (ms) | peak memory (MiB) |")
+    print("|---|---|---|")
+    for n, seconds in attention_times.items():
+        print(f"| {n} | {seconds * 1e3:.1f} | {memory.get(n, float('nan')):.0f} |")
+    line = f"routed_attention is {stacked / routed:.2f}x faster than the stacked baseline"
+    if memory:
+        line += f" and uses {memory['stacked_attention'] / memory['routed_attention']:.2f}x less peak memory"
+    print('\n' + line)
+    if device.type == 'cuda':
+        achieved = 3 * forward_flops(args) * args.batch / step_times['plain']
+        rate = matmul_rate(device)
+        print(f"plain ViT-B/16: {achieved / 1e12:.1f} TFLOP/s of model FLOPs = {achieved / rate:.0%} of the "
+              f"measured bf16 matmul rate ({rate / 1e12:.0f} TFLOP/s)")
+
+
+if __name__ == '__main__':
+    main()
