@@ -12,6 +12,9 @@ $(PY): requirements.txt
 
 venv: $(PY)
 
+demo: $(PY)
+	PY=$(PY) bash scripts/demo.sh
+
 test: $(PY)
 	$(PY) -m pytest -q tests
 

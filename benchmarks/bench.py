@@ -11,6 +11,7 @@ a step in a fresh child process and reports its peak resident memory above the m
 building the model. `timm` (benchmarks/requirements.txt) adds timm's ViT-B/16 when installed.
 """
 import argparse
+import functools
 import math
 import multiprocessing
 import statistics
@@ -28,7 +29,7 @@ from model.modeling import VisionTransformer  # noqa: E402
 from model.trar import span_masks  # noqa: E402
 
 
-def stacked_attention(q, k, v, masks, alphas, dropout_p=0.0):
+def stacked_attention(q, k, v, masks, alphas, dropout_p=0.0, **spans):
     """The original TRAR formulation: one masked softmax map per order, stacked (B, L, H, N, N), mixed, applied to V."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     maps = torch.stack([scores.masked_fill(~mask, -1e9).softmax(-1) for mask in masks], dim=1)
@@ -52,7 +53,8 @@ def build(variant: str, args) -> torch.nn.Module:
     torch.manual_seed(0)
     if variant.startswith('timm'):
         import timm
-        return timm.create_model('vit_base_patch16_224', img_size=args.img_size, num_classes=1000)
+        name = f'vit_base_patch16_{args.img_size}' if args.img_size in (224, 384) else 'vit_base_patch16_224'
+        return timm.create_model(name, img_size=args.img_size, num_classes=1000)
     config = get_config('ViT-B_16')
     config.transformer.dropout_rate = 0.0
     config.transformer.orders = [] if variant == 'plain' else parse_orders(args.orders)
@@ -85,6 +87,28 @@ def make_step(model: torch.nn.Module, args, device: torch.device):
         loss.backward()
         model.zero_grad(set_to_none=True)
     return step
+
+
+def eval_steps(args, device: torch.device) -> dict:
+    """Inference forwards: plain, TRAR with soft routing (every order), TRAR with hard routing and binarize
+    (one-hot weights: each image computes only the span it chose)."""
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    dtype = torch.bfloat16 if args.dtype == 'bf16' else None
+    steps = {}
+    for name, routing in (('plain', None), ('trar soft', 'soft'), ('trar binarized', 'hard')):
+        model = build('plain' if routing is None else 'trar', args)
+        for block in model.transformer.encoder.layer:
+            if routing is not None:
+                block.attn.router.routing, block.attn.router.binarize = routing, routing == 'hard'
+        model.to(device).eval()
+        if args.compile:
+            model = torch.compile(model)
+
+        def step(model=model):
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                model(images)
+        steps[name] = step
+    return steps
 
 
 def synchronize(device: torch.device) -> None:
@@ -124,7 +148,8 @@ def attention_steps(args, device: torch.device) -> dict:
             function(q, k, v, masks, alphas).sum().backward()
             q.grad = k.grad = v.grad = None
         return step
-    return {'routed_attention': step_of(modeling.routed_attention), 'stacked_attention': step_of(stacked_attention)}
+    routed = functools.partial(modeling.routed_attention, grid=(grid, grid), orders=orders)
+    return {'routed_attention': step_of(routed), 'stacked_attention': step_of(stacked_attention)}
 
 
 def peak_memory_mib(kind: str, name: str, args) -> float:
@@ -222,6 +247,11 @@ def main() -> None:
     if memory:
         line += f" and uses {memory['stacked_attention'] / memory['routed_attention']:.2f}x less peak memory"
     print('\n' + line)
+    eval_times = time_rounds(eval_steps(args, device), args, device)
+    print("\n| inference (no grad) | forward time (s) | images/s | vs trar soft |")
+    print("|---|---|---|---|")
+    for n, seconds in eval_times.items():
+        print(f"| {n} | {seconds:.3f} | {args.batch / seconds:.1f} | {eval_times['trar soft'] / seconds:.2f}x |")
     if device.type == 'cuda':
         achieved = 3 * forward_flops(args) * args.batch / step_times['plain']
         rate = matmul_rate(device)

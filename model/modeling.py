@@ -54,6 +54,7 @@ class Attention(nn.Module):
         self.proj_dropout = nn.Dropout(self.dropout_p)
         t = config.transformer
         self.router = Router(hidden, num_orders, t.pooling, t.routing, t.binarize) if num_orders else None
+        self.orders, self.grid = list(t.orders), None  # the grid is set by the Encoder
         self.last_alphas: torch.Tensor | None = None
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ class Attention(nn.Module):
                 attention_map = routed_attention_maps(q, k, masks, alphas)
                 context = attention_map.to(v.dtype) @ v
             else:
-                context = routed_attention(q, k, v, masks, alphas, dropout_p=dropout_p)
+                context = routed_attention(q, k, v, masks, alphas, dropout_p, grid=self.grid, orders=self.orders)
         out = self.proj_dropout(self.out(context.transpose(1, 2).flatten(2)))
         return out, attention_map
 
@@ -124,6 +125,8 @@ class Encoder(nn.Module):
         self.layer = nn.ModuleList(Block(config, len(orders)) for _ in range(config.transformer.num_layers))
         self.encoder_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
         self.register_buffer('span_masks', span_masks(grid, orders) if orders else None, persistent=False)
+        for block in self.layer:
+            block.attn.grid = grid
 
     def forward(self, x: torch.Tensor, return_maps: bool = False):
         maps = []

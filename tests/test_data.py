@@ -9,7 +9,8 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
 from utils.data_utils import (Augmented, ShardedSampler, UnreadableImage, class_names, collate_skipping_none,
-                              digits_split, get_eval_transform, get_train_transform, load_split, to_rgb)
+                              digits_split, get_eval_transform, get_train_transform, imagenet_names, load_split,
+                              to_rgb)
 from utils.scheduler import build_scheduler, lr_factor, tau_at
 
 
@@ -108,6 +109,18 @@ def test_imagefolder_reports_or_skips_corrupt_files(tmp_path):
     assert skipped == 1 and images.shape == (2, 3, 8, 8) and labels.tolist() == [0, 1]
 
 
+def test_imagenet_wnid_folders_get_readable_names(tmp_path):
+    wnids = [f'n{i:08d}' for i in range(1000)]
+    names = imagenet_names(wnids)
+    assert len(names) == 1000 and names[0] == 'tench' and names[1] == 'goldfish'
+    assert imagenet_names(['cat', 'dog']) == ['cat', 'dog']
+    for split in ('train', 'val'):
+        for name in ('n01440764', 'n01443537'):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new('RGB', (4, 4)).save(tmp_path / split / name / 'a.png')
+    assert class_names('imagenet', str(tmp_path)) == ['n01440764', 'n01443537']  # not the 1000-class set
+
+
 def test_missing_datasets_say_where_to_put_them(tmp_path):
     with pytest.raises(FileNotFoundError, match='train'):
         load_split('imagenet', str(tmp_path), train=True)
@@ -134,13 +147,18 @@ def test_lr_schedule_warmup_then_decay():
 
 
 def test_tau_policies():
-    assert tau_at(0, 100, 10, 10.0, 0.1, 'slow') == 10.0
-    assert tau_at(50, 100, 10, 10.0, 0.1, 'slow') == pytest.approx(5.05)
-    assert tau_at(100, 100, 10, 10.0, 0.1, 'slow') == pytest.approx(0.1)
-    assert tau_at(5, 100, 10, 10.0, 0.1, 'fast') == pytest.approx(5.5)
-    assert tau_at(10, 100, 10, 10.0, 0.1, 'fast') == pytest.approx(1.0)
-    assert tau_at(100, 100, 10, 10.0, 0.1, 'fast') == pytest.approx(0.1)
-    assert tau_at(0, 100, 10, 10.0, 0.1, 'finetune') == pytest.approx(1.0)
-    assert tau_at(100, 100, 10, 10.0, 0.1, 'finetune') == pytest.approx(0.1)
+    # 101 steps (0..100): the ramps end at the last step, 100.
+    assert tau_at(0, 101, 10, 10.0, 0.1, 'slow') == 10.0
+    assert tau_at(50, 101, 10, 10.0, 0.1, 'slow') == pytest.approx(5.05)
+    assert tau_at(100, 101, 10, 10.0, 0.1, 'slow') == pytest.approx(0.1)
+    assert tau_at(5, 101, 10, 10.0, 0.1, 'fast') == pytest.approx(5.5)
+    assert tau_at(10, 101, 10, 10.0, 0.1, 'fast') == pytest.approx(1.0)
+    assert tau_at(55, 101, 10, 10.0, 0.1, 'fast') == pytest.approx(0.55)
+    assert tau_at(100, 101, 10, 10.0, 0.1, 'fast') == pytest.approx(0.1)
+    assert tau_at(0, 101, 10, 10.0, 0.1, 'finetune') == pytest.approx(1.0)
+    assert tau_at(50, 101, 10, 10.0, 0.1, 'finetune') == pytest.approx(0.55)
+    assert tau_at(100, 101, 10, 10.0, 0.1, 'finetune') == pytest.approx(0.1)
+    slow = [tau_at(s, 101, 10, 10.0, 0.1, 'slow') for s in range(101)]
+    assert all(a > b for a, b in zip(slow, slow[1:]))
     with pytest.raises(ValueError, match='quick'):
         tau_at(0, 10, 1, 10.0, 0.1, 'quick')

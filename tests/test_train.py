@@ -2,7 +2,9 @@
 import json
 import os
 import subprocess
+from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from model.config import get_config
+from model.modeling import VisionTransformer
+from official_npz import make_official_weights
 from train_helpers import ROOT, run_train, tiny_args
+from utils import checkpoint as checkpoints
+from utils.data_utils import digits_split, get_eval_transform
+from utils.engine import Precision, RunState, train_one_epoch
 
 
 def test_a_run_writes_checkpoints_results_and_tensorboard(tmp_path, capsys):
@@ -33,9 +40,6 @@ def test_a_run_writes_checkpoints_results_and_tensorboard(tmp_path, capsys):
     assert not list(run_dir.glob('.*.tmp'))
 
     # The saved weights are the model that scored final_acc: evaluate them independently.
-    from model.modeling import VisionTransformer
-    import ml_collections
-    from utils.data_utils import digits_split, get_eval_transform
     model = VisionTransformer(ml_collections.ConfigDict(checkpoint['config']), img_size=32, num_classes=10).eval()
     model.load_state_dict(checkpoint['state_dict'])
     images, labels = digits_split('val')
@@ -79,18 +83,29 @@ def test_mixed_precision_levels_train(tmp_path, flags):
 
 
 def test_orders_and_set_override_the_config(tmp_path):
-    args = train.get_args(tiny_args(tmp_path, 'x', '--orders', 'none', '--set', 'transformer.dropout_rate=0.0',
-                                    '--set', 'hidden_size=48', '--set', 'transformer.pooling=fc'))
+    args = train.get_args(tiny_args(tmp_path, 'x', '--orders', 'none', '--set', 'transformer.dropout_rate=0',
+                                    '--set', 'hidden_size=48', '--set', 'transformer.pooling=fc',
+                                    '--set', 'transformer.binarize=true', '--set', 'patches.size=8',
+                                    '--set', 'representation_size=16'))
     config = train.build_config(args)
     assert config.transformer.orders == [] and config.transformer.dropout_rate == 0.0
+    assert isinstance(config.transformer.dropout_rate, float)  # typed by the field, not by the text
     assert config.hidden_size == 48 and config.transformer.pooling == 'fc'
+    assert config.transformer.binarize is True and config.patches.size == (8, 8)
+    assert config.representation_size == 16
+    args = train.get_args(tiny_args(tmp_path, 'x', '--set', 'transformer.orders=[0,3]',
+                                    '--set', 'transformer.binarize=False'))
+    config = train.build_config(args)
+    assert config.transformer.orders == [0, 3] and config.transformer.binarize is False
     assert train.build_config(train.get_args(tiny_args(tmp_path, 'x', '--orders', '0,2'))).transformer.orders == [0, 2]
     assert get_config('testing').hidden_size == 32
 
 
 @pytest.mark.parametrize('extra, message', [
     (['--set', 'transformer.heads=3'], 'no such config field'),
-    (['--set', 'hidden_size=wide'], 'hidden_size=wide'),
+    (['--set', 'hidden_size=wide'], 'hidden_size=wide: expected an integer'),
+    (['--set', 'transformer.binarize=maybe'], 'binarize=maybe: expected true or false'),
+    (['--set', 'hidden_size'], "expected KEY=VALUE"),
     (['--orders', '0,one'], "orders '0,one': expected comma-separated integers"),
     (['--gradient_accumulation_steps', '3'], 'not divisible by 1 processes x 3'),
     (['--orders', '0,8'], 'order 8'),
@@ -100,10 +115,58 @@ def test_bad_settings_fail_with_one_clear_line(tmp_path, extra, message):
         train.main(tiny_args(tmp_path, 'bad', *extra))
 
 
+def test_opt_levels_map_to_native_amp():
+    cpu = torch.device('cpu')
+    o0 = Precision.from_args(True, 'O0', 'fp16', 0, cpu)
+    assert o0.dtype is None and o0.scaler is None and o0.model_dtype == torch.float32
+    assert Precision.from_args(False, 'O2', 'fp16', 0, cpu).dtype is None  # --fp16 absent: float32
+    dynamic = Precision.from_args(True, 'O1', 'fp16', 0, cpu)
+    assert dynamic.dtype == torch.float16 and dynamic.scaler.get_scale() == 2.0 ** 16
+    assert dynamic.scaler.get_growth_interval() == 2000
+    static = Precision.from_args(True, 'O2', 'fp16', 256, cpu)
+    assert static.scaler.get_scale() == 256
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    before = layer.weight.detach().clone()
+    static.backward(layer(torch.tensor([[float('inf'), 1.0]])).sum())  # an overflowing step: skipped, scale kept
+    static.step(optimizer, layer.parameters(), max_grad_norm=0)
+    assert torch.equal(layer.weight, before) and static.scaler.get_scale() == 256
+    for _ in range(3):  # good steps do not grow it either
+        optimizer.zero_grad()
+        static.backward(layer(torch.ones(1, 2)).sum())
+        static.step(optimizer, layer.parameters(), max_grad_norm=0)
+    assert static.scaler.get_scale() == 256 and not torch.equal(layer.weight, before)
+    bf16 = Precision.from_args(True, 'O2', 'bf16', 0, cpu)
+    assert bf16.dtype == torch.bfloat16 and bf16.scaler is None and not bf16.cast_model
+    o3 = Precision.from_args(True, 'O3', 'fp16', 0, cpu)
+    assert o3.cast_model and o3.model_dtype == torch.float16 and o3.scaler is None
+    with torch.no_grad(), bf16.autocast():
+        assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.bfloat16
+
+
+def test_fine_tuning_starts_from_the_official_checkpoint_with_a_new_head(tmp_path):
+    npz = make_official_weights(get_config('testing'), img_size=32, num_classes=21843)
+    np.savez(tmp_path / 'testing.npz', **npz)
+    train.main(tiny_args(tmp_path, 'ft', '--pretrained_dir', str(tmp_path / 'testing.npz'), '--learning_rate', '0',
+                         steps=1))
+    state = torch.load(tmp_path / 'ft' / 'last.ckpt', weights_only=True)['state_dict']  # lr 0: as loaded
+    embeddings = 'transformer.embeddings.'
+    assert torch.equal(state[embeddings + 'cls_token'], torch.from_numpy(npz['cls']))
+    assert torch.equal(state[embeddings + 'position_embeddings'],
+                       torch.from_numpy(npz['Transformer/posembed_input/pos_embedding']))
+    assert torch.equal(state[embeddings + 'patch_embeddings.weight'],
+                       torch.from_numpy(npz['embedding/kernel']).permute(3, 2, 0, 1))
+    assert state['head.weight'].shape == (10, 32) and not state['head.weight'].any()  # zero_head for 10 digits
+
+
 def test_missing_inputs_name_what_and_where(tmp_path):
-    result = run_train(tiny_args(tmp_path, 'x', '--pretrained_dir', str(tmp_path / 'ViT-B_16.npz')))
+    result = run_train(tiny_args(tmp_path, 'x', '--model_type', 'ViT-B_32',
+                                 '--pretrained_dir', str(tmp_path / 'ViT-B_32.npz')))
     assert result.returncode != 0 and 'Traceback' not in result.stderr
-    assert 'https://storage.googleapis.com/vit_models/imagenet21k/testing.npz' in result.stderr
+    assert str(tmp_path / 'ViT-B_32.npz') in result.stderr
+    assert 'https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_32.npz' in result.stderr
+    with pytest.raises(FileNotFoundError, match='Google publishes none for testing'):
+        train.main(tiny_args(tmp_path, 'x', '--pretrained_dir', 'missing.npz'))
     with pytest.raises(FileNotFoundError, match='train/<class>'):
         train.main(tiny_args(tmp_path, 'x', '--dataset', 'imagenet', '--data_dir', str(tmp_path / 'nowhere')))
     with pytest.raises(SystemExit):
@@ -128,6 +191,29 @@ def test_resuming_with_another_model_is_refused(tmp_path):
         train.main(tiny_args(tmp_path, 'c', '--resume_path', str(tmp_path / 'junk.ckpt')))
 
 
+def test_resuming_a_finished_run_with_more_steps_warns_and_continues(tmp_path, capsys):
+    train.main(tiny_args(tmp_path, 'short', steps=3))
+    results = train.main(tiny_args(tmp_path, 'short', '--learning_rate', '0.2', '--resume_path',
+                                   str(tmp_path / 'short' / 'last.ckpt'), steps=5))
+    assert results['steps'] == 5
+    assert "--num_steps 3 -> 5" in capsys.readouterr().err
+    assert torch.load(tmp_path / 'short' / 'last.ckpt', weights_only=True)['step'] == 5
+
+
+def test_atomic_save_keeps_the_old_checkpoint_when_a_write_dies(tmp_path, monkeypatch):
+    path = tmp_path / 'last.ckpt'
+    checkpoints.save_atomic({'state_dict': {'w': torch.ones(3)}, 'step': 1}, path)
+
+    def dying_save(obj, file):
+        Path(file).write_bytes(b'half a checkpoint')
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, 'save', dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_atomic({'state_dict': {'w': torch.zeros(3)}, 'step': 2}, path)
+    assert checkpoints.load(path)['step'] == 1
+
+
 def test_corrupt_images_stop_the_run_or_are_skipped(tmp_path):
     data = tmp_path / 'data'
     rng = np.random.default_rng(0)
@@ -146,6 +232,29 @@ def test_corrupt_images_stop_the_run_or_are_skipped(tmp_path):
     result = run_train(args + ['--skip_corrupt'])
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])['skipped_images'] >= 1
+
+
+def test_a_micro_batch_of_only_skipped_files_adds_nothing():
+    config = get_config('testing')
+    config.transformer.dropout_rate = 0.0
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    empty = (torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), 4)
+
+    def one_step(batches, lr, accumulation):
+        torch.manual_seed(0)
+        model = VisionTransformer(config, img_size=32, num_classes=10)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        state = RunState()
+        train_one_epoch(model, batches, optimizer, scheduler, Precision('cpu'), state, num_steps=1,
+                        accumulation=accumulation, max_grad_norm=0, on_step=lambda loss: None)
+        return model.state_dict(), state
+
+    with_empty, state = one_step([(images, labels, 0), empty], lr=0.1, accumulation=2)
+    alone, _ = one_step([(images, labels, 0)], lr=0.05, accumulation=1)  # the same update: loss / 2
+    assert state.step == 1 and state.skipped_images == 4
+    for key, value in alone.items():
+        torch.testing.assert_close(with_empty[key], value, rtol=1e-5, atol=1e-7)
 
 
 def test_train_sh_runs_on_a_machine_without_gpus(tmp_path):

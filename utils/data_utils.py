@@ -7,6 +7,7 @@ Augmentation randomness is a function of (seed, epoch, sample index) only, so it
 `--num_workers` or the number of processes, and a resumed run sees the same augmented images.
 """
 import logging
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +21,7 @@ DATASETS = ('cifar10', 'cifar100', 'imagenet', 'digits')
 AUGMENTS = ('flip', 'none')
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+IMAGENET_NAMES = Path(__file__).parent / 'imagenet_classes.txt'
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +109,8 @@ class ImageFiles(Dataset):
                 return image.copy(), target
         except (OSError, SyntaxError, ValueError) as error:
             if not self.skip_corrupt:
-                raise UnreadableImage(f"cannot read image {path}: {error} (use --skip_corrupt to skip such files)") from None
+                raise UnreadableImage(f"cannot read image {path}: {error} "
+                                      "(use --skip_corrupt to skip such files)") from None
             logger.warning("skipping unreadable image %s: %s", path, error)
             return None, target
 
@@ -142,17 +145,31 @@ class Augmented(Dataset):
         image, target = self.source.load(index)
         if image is None:
             return None
+        # torchvision's random transforms draw from torch's CPU generator: seed it for this sample only
+        # (not torch.manual_seed, which would also reseed the CUDA generators that dropout uses).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            torch.default_generator.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
             return self.transform(image), target
 
 
-def collate_skipping_none(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack (image, label) pairs, dropping the None of skipped files: (images, labels, number skipped)."""
+def collate_skipping_none(batch: list, image_shape: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack (image, label) pairs, dropping the None of skipped files: (images, labels, number skipped).
+
+    A batch whose files were all skipped gives an empty (0, *image_shape) tensor; the training loop then
+    runs a zero-weighted stand-in, so every process still takes part in DDP's gradient reduction.
+    """
     kept = [item for item in batch if item is not None]
-    images = torch.stack([image for image, _ in kept]) if kept else torch.empty(0)
+    images = torch.stack([image for image, _ in kept]) if kept else torch.zeros((0, *image_shape))
     labels = torch.tensor([label for _, label in kept], dtype=torch.long)
     return images, labels, len(batch) - len(kept)
+
+
+def imagenet_names(classes: list[str]) -> list[str]:
+    """Readable names for ImageNet-1k's 1000 WNID folders (n01440764, ...), whose sorted order is the
+    standard class index order; any other folder names are kept as they are."""
+    if len(classes) == 1000 and all(re.fullmatch(r'n\d{8}', name) for name in classes):
+        return IMAGENET_NAMES.read_text().splitlines()
+    return list(classes)
 
 
 def _cifar(name: str, data_dir: Path, train: bool):
@@ -178,7 +195,9 @@ def load_split(dataset: str, data_dir: str, train: bool, skip_corrupt: bool = Fa
         if not folder.is_dir():
             raise FileNotFoundError(f"ImageNet folder {folder} is missing; expected ImageFolder trees "
                                     f"{root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG (from image-net.org)")
-        return ImageFiles(folder, skip_corrupt)
+        images = ImageFiles(folder, skip_corrupt)
+        images.classes = imagenet_names(images.classes)
+        return images
     return TorchvisionImages(_cifar(dataset, root, train))
 
 
@@ -189,8 +208,8 @@ def class_names(dataset: str, data_dir: str = './data') -> list[str]:
     if dataset == 'imagenet':
         folder = Path(data_dir) / 'val'
         if folder.is_dir():
-            return datasets.ImageFolder(str(folder)).classes
-        return (Path(__file__).parent / 'imagenet_classes.txt').read_text().splitlines()
+            return imagenet_names(datasets.ImageFolder(str(folder)).classes)
+        return IMAGENET_NAMES.read_text().splitlines()
     return load_split(dataset, data_dir, train=False).classes
 
 

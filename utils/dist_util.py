@@ -42,6 +42,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over all processes (in place), a no-op for one process."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= get_world_size()
+    return tensor
+
+
 def all_gather_objects(obj) -> list:
     """Every process's `obj`, in rank order."""
     if not dist.is_initialized():

@@ -26,20 +26,21 @@ def build_scheduler(optimizer: Optimizer, decay_type: str, warmup_steps: int, to
 
 
 def tau_at(step: int, total_steps: int, warmup_steps: int, tau_max: float, tau_min: float, policy: str) -> float:
-    """Gumbel-softmax temperature of hard routing at `step`, after TRAR's three policies.
+    """Gumbel-softmax temperature of hard routing for optimizer step `step` (0-based), after TRAR's policies.
 
-    TRAR anneals per epoch; here the same shapes are laid over the run's steps:
+    TRAR (TRAR-VQA's train engine) anneals once per epoch and reaches the end of each ramp at the last
+    epoch; here the same shapes are laid over the run's optimizer steps, reaching tau_min at the last step:
     - slow: linear from tau_max to tau_min over the whole run;
-    - fast: linear from tau_max to 1 during warmup, then linear from 1 to tau_min;
-    - finetune: for a model that already routes, linear from 1 to tau_min.
+    - fast: linear from tau_max to 1 during the warmup steps, then linear from 1 to tau_min;
+    - finetune: for a model that already routes well (e.g. a continued run), linear from 1 to tau_min.
     """
     if policy not in TAU_POLICIES:
         raise ValueError(f"unknown tau policy {policy!r}; expected one of {TAU_POLICIES}")
-    progress = min(1.0, step / max(1, total_steps))
+    last = max(1, total_steps - 1)
     if policy == 'slow':
-        return tau_max - (tau_max - tau_min) * progress
+        return tau_max - (tau_max - tau_min) * min(1.0, step / last)
     if policy == 'fast' and step < warmup_steps:
         return tau_max - (tau_max - 1.0) * step / warmup_steps
     start = warmup_steps if policy == 'fast' else 0
-    progress = min(1.0, (step - start) / max(1, total_steps - start))
-    return max(tau_min, 1.0 - (1.0 - tau_min) * progress)
+    progress = min(1.0, (step - start) / max(1, last - start))
+    return 1.0 - (1.0 - tau_min) * progress

@@ -1,0 +1,195 @@
+"""One training epoch, evaluation, mixed precision and the measurements train.py logs."""
+import math
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+
+from utils import dist_util
+
+# apex's opt levels and their native torch.amp equivalents (apex is unmaintained).
+OPT_LEVELS = {
+    'O0': 'float32: no autocast, no loss scaling',
+    'O1': 'autocast (per-op casting, float32 master weights); fp16 adds loss scaling',
+    'O2': "the same as O1: native autocast replaces apex's 'almost fp16' model casting",
+    'O3': 'weights and activations cast to the low-precision dtype, no loss scaling: a speed baseline only',
+}
+
+
+@dataclass
+class Precision:
+    """How a step runs in reduced precision: autocast dtype, whole-model cast (O3) and the loss scaler."""
+    device_type: str
+    dtype: torch.dtype | None = None  # None: float32 throughout
+    cast_model: bool = False
+    scaler: torch.amp.GradScaler | None = None
+    static_scale: float | None = None  # a fixed loss scale, kept even after an overflowing step
+
+    @classmethod
+    def from_args(cls, fp16: bool, opt_level: str, amp_dtype: str, loss_scale: float,
+                  device: torch.device) -> 'Precision':
+        """`--fp16 --fp16_opt_level --amp_dtype --loss_scale` as native torch.amp settings (see OPT_LEVELS).
+
+        fp16 autocast gets a GradScaler: dynamic when `loss_scale` is 0 (start at 2^16, halve on overflow,
+        double after 2000 good steps), fixed at `loss_scale` otherwise. bf16 has float32's range and needs none.
+        """
+        if opt_level not in OPT_LEVELS:
+            raise ValueError(f"unknown fp16_opt_level {opt_level!r}; expected one of {sorted(OPT_LEVELS)}")
+        if not fp16 or opt_level == 'O0':
+            return cls(device.type)
+        dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[amp_dtype]
+        if opt_level == 'O3':
+            return cls(device.type, dtype, cast_model=True)
+        if dtype == torch.bfloat16:
+            return cls(device.type, dtype)
+        static_scale = float(loss_scale) if loss_scale > 0 else None
+        scaler = torch.amp.GradScaler(device.type, init_scale=static_scale or 2.0 ** 16, growth_interval=2000)
+        return cls(device.type, dtype, scaler=scaler, static_scale=static_scale)
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return self.dtype if self.cast_model else torch.float32
+
+    def autocast(self):
+        if self.dtype is None or self.cast_model:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, parameters, max_grad_norm: float) -> None:
+        """Unscale, clip the global gradient norm (0 = no clipping), step, update the loss scale."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)  # skipped when the gradients overflowed
+            self.scaler.update(self.static_scale)
+        else:
+            optimizer.step()
+
+
+@dataclass
+class RunState:
+    """Where a run stands: saved in every checkpoint, restored on resume."""
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0  # optimizer steps done in this epoch
+    best_acc: float = 0.0
+    final_acc: float | None = None
+    seconds: float = 0.0
+    skipped_images: int = 0
+
+
+def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
+                    precision: Precision, state: RunState, num_steps: int, accumulation: int, max_grad_norm: float,
+                    on_step: Callable[[float], None], set_tau: Callable[[int], None] | None = None) -> bool:
+    """Optimizer steps over the rest of this epoch's micro-batches; True once `num_steps` are done.
+
+    Each step sums the gradients of `accumulation` micro-batches, each loss divided by `accumulation`
+    (DDP averages over processes and synchronises on the last micro-batch only), so the step's gradient
+    is the mean over the global batch however it is split. Then: unscale, clip, optimizer, scheduler.
+    `on_step(loss)` gets the global batch's mean loss after every step.
+    """
+    distributed = isinstance(model, DistributedDataParallel)
+    device = next(model.parameters()).device
+    step_loss = torch.zeros((), device=device, dtype=torch.float64)
+    model.train()
+    if set_tau is not None:
+        set_tau(state.step)
+    for micro_step, (images, labels, skipped) in enumerate(loader, start=1):
+        state.skipped_images += skipped
+        images = images.to(device=device, dtype=precision.model_dtype, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        weight = 1.0
+        if len(labels) == 0:  # every file of this micro-batch was skipped: a zero-weighted stand-in keeps DDP in step
+            images, labels, weight = images.new_zeros((1, *images.shape[1:])), labels.new_zeros(1), 0.0
+        last_micro = micro_step % accumulation == 0
+        with model.no_sync() if distributed and not last_micro else nullcontext():
+            with precision.autocast():
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels) * weight
+            precision.backward(loss / accumulation)
+        step_loss += loss.detach()
+        if not last_micro:
+            continue
+        mean_loss = dist_util.all_reduce_mean(step_loss / accumulation).item()
+        step_loss.zero_()
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"non-finite loss {mean_loss} at step {state.step + 1}")
+        precision.step(optimizer, model.parameters(), max_grad_norm)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step, state.epoch_step = state.step + 1, state.epoch_step + 1
+        on_step(mean_loss)
+        if state.step >= num_steps:
+            return True
+        if set_tau is not None:
+            set_tau(state.step)
+    return False
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, precision: Precision) -> tuple[float, float]:
+    """Top-1 accuracy and mean loss over the validation set: each process's shard, summed over processes."""
+    model.eval()
+    device = next(model.parameters()).device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, count, loss sum
+    for images, labels, _ in loader:
+        images = images.to(device=device, dtype=precision.model_dtype, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with precision.autocast():
+            logits = model(images).float()
+        totals[0] += (logits.argmax(-1) == labels).sum()
+        totals[1] += len(labels)
+        totals[2] += F.cross_entropy(logits, labels, reduction='sum')
+    dist_util.all_reduce_sum(totals)
+    model.train()
+    correct, count, loss_sum = totals.tolist()
+    if count == 0:
+        raise ValueError("the validation set has no readable images")
+    return correct / count, loss_sum / count
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """CUDA: peak memory allocated to tensors; CPU: peak resident set size of this process (ru_maxrss)."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Throughput:
+    """Images per second since the last reading (or `reset`)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images = time.perf_counter(), 0
+
+    def count(self, images: int) -> None:
+        self.images += images
+
+    def rate(self) -> float:
+        rate = self.images / max(time.perf_counter() - self.start, 1e-9)
+        self.reset()
+        return rate
+
+
+def log_routing(writer: SummaryWriter, model: torch.nn.Module, step: int) -> None:
+    """Mean routing weight of every layer and order over the last batch, as `routing/layerLL_orderO`."""
+    weights = model.routing_weights()
+    if weights is None:
+        return
+    for layer, per_order in enumerate(weights.float().mean(dim=1).tolist()):
+        for order, weight in zip(model.config.transformer.orders, per_order):
+            writer.add_scalar(f'routing/layer{layer:02d}_order{order}', weight, step)
