@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import modeling  # noqa: E402
 from model.config import get_config, parse_orders  # noqa: E402
 from model.modeling import VisionTransformer  # noqa: E402
-from model.trar import span_masks  # noqa: E402
+from model.trar import span_layout, span_masks  # noqa: E402
 
 
 def stacked_attention(q, k, v, masks, alphas, dropout_p=0.0, **spans):
@@ -148,7 +148,7 @@ def attention_steps(args, device: torch.device) -> dict:
             function(q, k, v, masks, alphas).sum().backward()
             q.grad = k.grad = v.grad = None
         return step
-    routed = functools.partial(modeling.routed_attention, grid=(grid, grid), orders=orders)
+    routed = functools.partial(modeling.routed_attention, layout=span_layout(masks))
     return {'routed_attention': step_of(routed), 'stacked_attention': step_of(stacked_attention)}
 
 

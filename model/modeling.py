@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from .trar import Router, as_grid, check_orders, routed_attention, routed_attention_maps, span_masks
+from .trar import (Router, SpanLayout, as_grid, check_orders, routed_attention, routed_attention_maps, span_layout,
+                   span_masks)
 
 
 class Embeddings(nn.Module):
@@ -61,7 +62,8 @@ class Attention(nn.Module):
         """(B, N, D) -> (B, H, N, D / H)."""
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor | None, return_map: bool = False):
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None, layout: SpanLayout | None = None,
+                return_map: bool = False):
         q, k, v = self.heads(self.query(x)), self.heads(self.key(x)), self.heads(self.value(x))
         dropout_p = self.dropout_p if self.training else 0.0
         attention_map = None
@@ -78,7 +80,8 @@ class Attention(nn.Module):
                 attention_map = routed_attention_maps(q, k, masks, alphas)
                 context = attention_map.to(v.dtype) @ v
             else:
-                context = routed_attention(q, k, v, masks, alphas, dropout_p, grid=self.grid, orders=self.orders)
+                context = routed_attention(q, k, v, masks, alphas, dropout_p, layout=layout, grid=self.grid,
+                                           orders=self.orders)
         out = self.proj_dropout(self.out(context.transpose(1, 2).flatten(2)))
         return out, attention_map
 
@@ -110,28 +113,36 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
         self.ffn = Mlp(config)
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor | None, return_map: bool = False):
-        attended, attention_map = self.attn(self.attention_norm(x), masks, return_map)
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None, layout: SpanLayout | None,
+                return_map: bool = False):
+        attended, attention_map = self.attn(self.attention_norm(x), masks, layout, return_map)
         x = x + attended
         return x + self.ffn(self.ffn_norm(x)), attention_map
 
 
 class Encoder(nn.Module):
-    """The stack of blocks and the final norm; holds the span masks shared by every block."""
+    """The stack of blocks and the final norm; holds the span masks (and their layout) shared by every block."""
 
     def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int]):
         super().__init__()
         orders = list(config.transformer.orders)
         self.layer = nn.ModuleList(Block(config, len(orders)) for _ in range(config.transformer.num_layers))
         self.encoder_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
-        self.register_buffer('span_masks', span_masks(grid, orders) if orders else None, persistent=False)
+        masks = span_masks(grid, orders) if orders else None
+        self.register_buffer('span_masks', masks, persistent=False)
+        layout = span_layout(masks) if orders else None
+        for name in ('index', 'valid', 'full_rows'):
+            self.register_buffer(f'span_{name}', getattr(layout, name, None), persistent=False)
+        self.span_orders = (layout.global_orders, layout.local_orders) if orders else None
         for block in self.layer:
             block.attn.grid = grid
 
     def forward(self, x: torch.Tensor, return_maps: bool = False):
         maps = []
+        layout = SpanLayout(self.span_index, self.span_valid, self.span_full_rows, *self.span_orders) \
+            if self.span_orders else None
         for block in self.layer:
-            x, attention_map = block(x, self.span_masks, return_maps)
+            x, attention_map = block(x, self.span_masks, layout, return_maps)
             maps.append(attention_map)
         return self.encoder_norm(x), maps
 

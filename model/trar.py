@@ -9,12 +9,11 @@ This module holds the three pieces: `span_masks` (which token may attend to whic
 computed without ever materialising the (B, L, H, N, N) stack of maps).
 """
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 POOLINGS = ('avg', 'attention', 'fc')
 ROUTINGS = ('soft', 'hard')
@@ -60,38 +59,70 @@ def span_masks(grid: int | Sequence[int], orders: Sequence[int], num_prefix_toke
     return masks
 
 
+class SpanLayout(NamedTuple):
+    """Where routed attention differs from global attention, derived once from the span masks.
+
+    index: (N, K) key positions each query's local orders may see (its window plus the prefix tokens,
+    padded); valid: (L_local, N, K) which of them each local order allows; full_rows: (N,) queries that
+    are global in every order (CLS). global_orders / local_orders: positions in `orders` of the all-True
+    masks and of the others.
+    """
+    index: torch.Tensor
+    valid: torch.Tensor
+    full_rows: torch.Tensor
+    global_orders: tuple[int, ...]
+    local_orders: tuple[int, ...]
+
+
+def span_layout(masks: torch.Tensor) -> SpanLayout:
+    """The `SpanLayout` of (L, N, N) boolean masks: any masks work, small local windows make it cheap."""
+    is_global = masks.flatten(1).all(dim=1).tolist()
+    global_orders = tuple(l for l, full in enumerate(is_global) if full)
+    local_orders = tuple(l for l, full in enumerate(is_global) if not full)
+    full_rows = masks.all(dim=-1).all(dim=0)
+    local = masks[list(local_orders)] & ~full_rows[:, None]
+    support = local.any(dim=0)
+    width = max(1, int(support.sum(dim=-1).max()))
+    index = support.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :width].contiguous()
+    valid = local.gather(-1, index.expand(len(local_orders), -1, -1))
+    valid[:, full_rows, 0] = True  # a finite softmax on rows whose local terms get weight zero
+    return SpanLayout(index, valid, full_rows, global_orders, local_orders)
+
+
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor,
-                     alphas: torch.Tensor, dropout_p: float = 0.0, *, grid: Sequence[int] | None = None,
-                     orders: Sequence[int] | None = None) -> torch.Tensor:
+                     alphas: torch.Tensor, dropout_p: float = 0.0, *, layout: SpanLayout | None = None,
+                     grid: Sequence[int] | None = None, orders: Sequence[int] | None = None) -> torch.Tensor:
     """`sum_l alphas[:, l] * softmax(q k^T / sqrt(d), masked by masks[l]) v`, never building the (B, L, H, N, N) stack.
 
     q, k, v: (B, H, N, d); masks: (L, N, N) bool, True = may attend; alphas: (B, L). Returns (B, H, N, d).
 
-    With `grid` and `orders` (the arguments `masks` was built from by `span_masks`, one CLS token),
-    the windowed structure is used: CLS queries are global in every order, so order 0 is one fused
-    attention over all tokens, and the local orders only touch patch queries, each grid row of which
-    sees a band of 2 * max_order + 1 grid rows plus CLS. The local orders share one banded score
-    matrix and one product with V; in training that band is recomputed in backward instead of saved,
-    so the memory stays that of one fused attention. In inference, samples whose weight for an
-    order is zero (hard routing with `binarize`) skip that order.
+    Every order's map is a softmax of the same scores, so the scores are computed once: the global
+    orders share one softmax, and each local order only needs the few scores inside its window
+    (`layout`, derived from `masks` when not given; the model passes it precomputed). The mixed map
+    is built in place and applied to V with one product; backward recomputes it rather than saving
+    it, so training keeps no (N, N) tensor per layer. Costs: the matrix products of plain attention
+    plus a few passes over one score matrix.
 
-    Without them, or with attention dropout, each order is one fused masked attention over all tokens.
+    With `grid` and `orders` (what `masks` was built from by `span_masks`, one CLS token), inference
+    with zero weights (hard routing with `binarize`) computes only the orders each sample uses.
+    With attention dropout in training, each order is one fused masked attention (dropout acts on each map).
     """
-    if grid is None or orders is None or (dropout_p > 0 and torch.is_grad_enabled()):
+    if dropout_p > 0 and torch.is_grad_enabled():
         return _dense_routed_attention(q, k, v, masks, alphas, dropout_p)
-    grid, orders = as_grid(grid), [int(o) for o in orders]
-    if q.shape[2] != 1 + grid[0] * grid[1] or alphas.shape[1] != len(orders):
-        raise ValueError(f"{q.shape[2]} tokens and {alphas.shape[1]} routing weights do not fit a "
-                         f"{grid[0]}x{grid[1]} grid with orders {orders}")
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and bool((alphas == 0).any()):
+        if grid is None or orders is None:
+            return _only_weighted_orders(q, k, v, masks, alphas)
+        grid, orders = as_grid(grid), [int(o) for o in orders]
+        if q.shape[2] != 1 + grid[0] * grid[1] or alphas.shape[1] != len(orders):
+            raise ValueError(f"{q.shape[2]} tokens and {alphas.shape[1]} routing weights do not fit a "
+                             f"{grid[0]}x{grid[1]} grid with orders {orders}")
         return _windowed_weighted_samples(q, k, v, alphas, grid, orders)
-    return _windowed_routed_attention(q, k, v, alphas, grid, orders)
+    layout = span_layout(masks) if layout is None else layout
+    return _SharedScoresAttention.apply(q, k, v, alphas, *layout)
 
 
 def _dense_routed_attention(q, k, v, masks, alphas, dropout_p=0.0) -> torch.Tensor:
     """One fused masked attention per order over all tokens; attention dropout applies to each order's map."""
-    if not torch.is_grad_enabled() and bool((alphas == 0).any()):
-        return _only_weighted_orders(q, k, v, masks, alphas)
     out = 0
     for index in range(masks.shape[0]):
         span = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[index], dropout_p=dropout_p)
@@ -99,24 +130,131 @@ def _dense_routed_attention(q, k, v, masks, alphas, dropout_p=0.0) -> torch.Tens
     return out
 
 
-def _windowed_routed_attention(q, k, v, alphas, grid, orders) -> torch.Tensor:
-    """Order 0 as one fused attention, local orders on the banded patch queries (see `routed_attention`)."""
+# Score-matrix elements computed at once by routed attention (per chunk of samples and heads): bounds the
+# transient memory of the (N, N) maps; a GPU affords larger chunks than a CPU's caches favour.
+CHUNK_ELEMENTS = {'cpu': 2 ** 21}
+DEFAULT_CHUNK_ELEMENTS = 2 ** 28
+
+
+def _chunks(shape: torch.Size, device: torch.device) -> list[tuple[slice, slice]]:
+    """(sample, head) slices covering (B, H, N, d) with at most about CHUNK_ELEMENTS scores each."""
+    batch, heads, n, _ = shape
+    budget = CHUNK_ELEMENTS.get(device.type, DEFAULT_CHUNK_ELEMENTS)
+    heads_per_chunk = max(1, min(heads, budget // (n * n)))
+    samples_per_chunk = max(1, budget // (heads * n * n)) if heads_per_chunk == heads else 1
+    return [(slice(b, b + samples_per_chunk), slice(h, h + heads_per_chunk))
+            for b in range(0, batch, samples_per_chunk) for h in range(0, heads, heads_per_chunk)]
+
+
+class _SharedScoresAttention(torch.autograd.Function):
+    """Routed attention from one score matrix (see `routed_attention`); saves only q, k, v and alphas."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alphas, index, valid, full_rows, global_orders, local_orders):
+        out = torch.empty_like(q)
+        with torch.autocast(q.device.type, enabled=False):
+            for samples, heads in _chunks(q.shape, q.device):
+                parts = _SharedScores(q[samples, heads], k[samples, heads], alphas[samples].to(q.dtype), index, valid,
+                                      full_rows, global_orders, local_orders)
+                out[samples, heads] = parts.mixed_map() @ v[samples, heads]
+        ctx.save_for_backward(q, k, v, alphas, index, valid, full_rows)
+        ctx.orders = global_orders, local_orders
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, alphas, index, valid, full_rows = ctx.saved_tensors
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        grad_alphas = torch.zeros_like(alphas, dtype=q.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            for samples, heads in _chunks(q.shape, q.device):
+                parts = _SharedScores(q[samples, heads], k[samples, heads], alphas[samples].to(q.dtype), index, valid,
+                                      full_rows, *ctx.orders)
+                grads = parts.backward(grad_out[samples, heads].to(q.dtype), v[samples, heads])
+                grad_q[samples, heads], grad_k[samples, heads], grad_v[samples, heads] = grads[:3]
+                grad_alphas[samples] += grads[3]
+        return grad_q, grad_k, grad_v, grad_alphas.to(alphas.dtype), None, None, None, None, None
+
+
+class _SharedScores:
+    """The global softmax of the scores, each local order's softmax over its window, and their weights."""
+
+    def __init__(self, q, k, alphas, index, valid, full_rows, global_orders, local_orders):
+        b, heads, n, d = q.shape
+        self.scale, self.k, self.q = d ** -0.5, k, q
+        self.alphas, self.global_orders, self.local_orders = alphas, global_orders, local_orders
+        self.index = index.expand(b, heads, n, index.shape[1])
+        scores = (q * self.scale) @ k.transpose(-2, -1)
+        window_scores = scores.gather(-1, self.index)
+        self.probs = scores.softmax(dim=-1)
+        del scores
+        self.window_probs = [window_scores.masked_fill(~allowed, float('-inf')).softmax(dim=-1) for allowed in valid]
+        self.local_rows = (~full_rows).to(q.dtype)
+        # Row i of the mixed map: row_scale[i] * probs[i] plus the local orders' window terms.
+        local_sum = alphas[:, list(local_orders)].sum(dim=1, keepdim=True)
+        self.row_scale = alphas[:, list(global_orders)].sum(dim=1, keepdim=True) + full_rows * local_sum  # (B, N)
+        self.local_weights = [alphas[:, l, None] * self.local_rows for l in local_orders]  # each (B, N)
+
+    def window_mix(self) -> torch.Tensor:
+        """(B, H, N, K): the local orders' weighted window probabilities."""
+        mix = torch.zeros_like(self.index, dtype=self.probs.dtype)
+        for weight, probs in zip(self.local_weights, self.window_probs):
+            mix += weight[:, None, :, None] * probs
+        return mix
+
+    def mixed_map(self) -> torch.Tensor:
+        """The (B, H, N, N) mixed attention map, built in place of the global probabilities."""
+        mixed = self.probs.mul_(self.row_scale[:, None, :, None])
+        return mixed.scatter_add_(-1, self.index, self.window_mix())
+
+    def backward(self, grad_out: torch.Tensor, v: torch.Tensor):
+        """Gradients of q, k, v and alphas from the gradient of the output."""
+        grad_map = grad_out @ v.transpose(-2, -1)
+        grad_alphas = torch.zeros_like(self.alphas)
+        global_dot = (grad_map * self.probs).sum(dim=-1)  # (B, H, N): d loss / d row_scale, per head
+        row_dot = global_dot.sum(dim=1)
+        for l in self.global_orders:
+            grad_alphas[:, l] += row_dot.sum(dim=1)
+        grad_window = grad_map.gather(-1, self.index)
+        grad_window_scores = torch.zeros_like(grad_window)
+        for l, weight, probs in zip(self.local_orders, self.local_weights, self.window_probs):
+            dot = (grad_window * probs).sum(dim=-1)  # (B, H, N)
+            grad_alphas[:, l] += (row_dot * (1 - self.local_rows)).sum(dim=1) + (dot.sum(dim=1) * self.local_rows).sum(dim=1)
+            grad_window_scores += weight[:, None, :, None] * probs * (grad_window - dot[..., None])
+        # The mixed map for dV, then back to the scaled global probabilities for the softmax's backward.
+        scaled = self.probs.mul_(self.row_scale[:, None, :, None])
+        kept = scaled.gather(-1, self.index)
+        grad_v = scaled.scatter_add_(-1, self.index, self.window_mix()).transpose(-2, -1) @ grad_out
+        scaled.scatter_(-1, self.index, kept)
+        grad_scores = grad_map.sub_(global_dot[..., None]).mul_(scaled).scatter_add_(-1, self.index, grad_window_scores)
+        grad_q = (grad_scores @ self.k) * self.scale
+        grad_k = (grad_scores.transpose(-2, -1) @ self.q) * self.scale
+        return grad_q, grad_k, grad_v, grad_alphas
+
+
+def _windowed_weighted_samples(q, k, v, alphas, grid, orders) -> torch.Tensor:
+    """Inference with zero weights (one-hot routing): each sample computes only the orders it weights.
+
+    CLS queries are global in every order; patch queries run global attention only for the samples
+    that weight order 0, and the banded local attention only for the samples and orders in use.
+    """
     alphas = alphas.to(q.dtype)
-    local = [index for index, order in enumerate(orders) if order > 0]
+    out = torch.empty_like(q)
+    used = alphas != 0
+    out[:, :, :1] = alphas.sum(dim=1)[:, None, None, None] * F.scaled_dot_product_attention(q[:, :, :1], k, v)
+    out[:, :, 1:] = 0
     if 0 in orders:
-        glob = F.scaled_dot_product_attention(q, k, v)
-        cls = glob[:, :, :1]
-        patches = alphas[:, orders.index(0), None, None, None] * glob[:, :, 1:]
-    else:
-        cls = F.scaled_dot_product_attention(q[:, :, :1], k, v)
-        patches = 0
-    if local:
-        args = (q, k, v, alphas[:, local], grid, [orders[i] for i in local])
-        if torch.is_grad_enabled():
-            patches = patches + checkpoint(_local_patch_attention, *args, use_reentrant=False)
-        else:
-            patches = patches + _local_patch_attention(*args)
-    return torch.cat([alphas.sum(dim=1)[:, None, None, None] * cls, patches], dim=2)
+        g = orders.index(0)
+        samples = used[:, g].nonzero().flatten()
+        if len(samples):
+            glob = F.scaled_dot_product_attention(q[samples, :, 1:], k[samples], v[samples])
+            out[samples, :, 1:] += alphas[samples, g, None, None, None] * glob
+    local = [index for index, order in enumerate(orders) if order > 0 and bool(used[:, index].any())]
+    samples = used[:, local].any(dim=1).nonzero().flatten() if local else []
+    if len(samples):
+        out[samples, :, 1:] += _local_patch_attention(q[samples], k[samples], v[samples], alphas[samples][:, local],
+                                                      grid, [orders[i] for i in local])
+    return out
 
 
 def _local_patch_attention(q, k, v, alphas, grid, orders, tile_rows=None) -> torch.Tensor:
@@ -174,31 +312,6 @@ def _band_masks(grid, reach, rows, orders, device) -> torch.Tensor:
         ok = ok.reshape(tiles, rows * w, -1)
         masks.append(torch.cat([ok.new_ones(tiles, rows * w, 1), ok], dim=-1))
     return torch.stack(masks)
-
-
-def _windowed_weighted_samples(q, k, v, alphas, grid, orders) -> torch.Tensor:
-    """Inference with zero weights (one-hot routing): each sample computes only the orders it weights.
-
-    CLS queries are global in every order; patch queries run global attention only for the samples
-    that weight order 0, and the banded local attention only for the samples and orders in use.
-    """
-    alphas = alphas.to(q.dtype)
-    out = torch.empty_like(q)
-    used = alphas != 0
-    out[:, :, :1] = alphas.sum(dim=1)[:, None, None, None] * F.scaled_dot_product_attention(q[:, :, :1], k, v)
-    out[:, :, 1:] = 0
-    if 0 in orders:
-        g = orders.index(0)
-        samples = used[:, g].nonzero().flatten()
-        if len(samples):
-            glob = F.scaled_dot_product_attention(q[samples, :, 1:], k[samples], v[samples])
-            out[samples, :, 1:] += alphas[samples, g, None, None, None] * glob
-    local = [index for index, order in enumerate(orders) if order > 0 and bool(used[:, index].any())]
-    samples = used[:, local].any(dim=1).nonzero().flatten() if local else []
-    if len(samples):
-        out[samples, :, 1:] += _local_patch_attention(q[samples], k[samples], v[samples], alphas[samples][:, local],
-                                                      grid, [orders[i] for i in local])
-    return out
 
 
 def _only_weighted_orders(q, k, v, masks, alphas) -> torch.Tensor:

@@ -11,14 +11,15 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUTPUT_DIR=${OUTPUT_DIR:-output}
 
-# A 4-layer, 64-wide ViT on 32-px digits with 4-px patches (an 8x8 grid), every block routed over
-# global attention (order 0), the 3x3 (order 1) and the 5x5 neighbourhood (order 2). No dropout, no flips (digits are not
-# mirror-symmetric); SGD with warmup and cosine decay, as train.py always uses.
+# A 4-layer, 64-wide ViT on 32-px digits with 4-px patches (an 8x8 grid, one token per pixel of the 8x8
+# originals), every block routed over global attention (order 0), the 3x3 (order 1) and the 5x5
+# neighbourhood (order 2). No dropout and no augmentation (flips would turn digits into other shapes);
+# weight decay instead. SGD with warmup and cosine decay, as train.py always uses.
 DEMO_ARGS=(
   --dataset digits --model_type testing --img_size 32 --orders 0,1,2
   --set hidden_size=64 --set transformer.num_layers=4 --set transformer.num_heads=4
   --set transformer.mlp_dim=128 --set transformer.dropout_rate=0.0
-  --num_steps 900 --warmup_steps 50 --eval_every 50 --learning_rate 0.05
+  --num_steps 1200 --warmup_steps 50 --eval_every 50 --learning_rate 0.1 --weight_decay 5e-4
   --train_batch_size 32 --eval_batch_size 360 --augment none --num_workers 0
   --pretrained_dir none --device cpu --output_dir "$OUTPUT_DIR"
 )

@@ -1,49 +1,106 @@
-"""The windowed paths of routed_attention (banded local orders, per-sample dispatch) against the float64 formula."""
+"""The paths of routed_attention (shared scores, per-sample dispatch, dropout) against the float64 formula."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import model.trar as trar
-from model.trar import routed_attention, span_masks
+from model.trar import routed_attention, span_layout, span_masks
 from tests.test_trar import reference_routed_attention
 
-CASES = [  # (batch, heads, grid, orders, head_dim, tile rows)
+CASES = [  # (batch, heads, grid, orders, head_dim, prefix tokens)
     (2, 2, (4, 4), [0, 1, 2], 8, 1),
-    (2, 2, (7, 3), [0, 1, 2], 8, 3),  # tiles that overhang the grid
-    (3, 1, (5, 2), [1, 2, 3], 4, 2),  # no global order: CLS still global
-    (2, 2, (2, 6), [2, 0], 8, 2),     # order wider than the grid's height, orders unsorted
-    (1, 2, (6, 6), [0, 1, 2, 3], 8, None),
+    (2, 2, (7, 3), [0, 1, 2], 8, 1),
+    (3, 1, (5, 2), [1, 2, 3], 4, 1),  # no global order: CLS still global
+    (2, 2, (2, 6), [2, 0], 8, 1),     # order wider than the grid's height, orders unsorted
+    (1, 2, (6, 6), [0, 1, 2, 3], 8, 1),
+    (2, 2, (3, 4), [0, 1], 8, 2),     # two prefix tokens
+    (2, 1, (3, 3), [0], 4, 1),        # global only
 ]
 
 
-def inputs(batch, heads, grid, orders, head_dim):
-    torch.manual_seed(0)
-    n = 1 + grid[0] * grid[1]
+def inputs(batch, heads, grid, orders, head_dim, prefix=1, seed=0):
+    torch.manual_seed(seed)
+    n = prefix + grid[0] * grid[1]
     q, k, v = (torch.randn(batch, heads, n, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    return q, k, v, span_masks(grid, orders), torch.randn(batch, len(orders), dtype=torch.float64)
+    alphas = torch.randn(batch, len(orders), dtype=torch.float64).softmax(-1).requires_grad_()
+    return q, k, v, span_masks(grid, orders, prefix), alphas
 
 
-@pytest.mark.parametrize('batch, heads, grid, orders, head_dim, rows', CASES)
-def test_windowed_matches_formula_forward_and_backward(monkeypatch, batch, heads, grid, orders, head_dim, rows):
-    if rows is not None:
-        monkeypatch.setattr(trar, '_tile_rows', lambda grid: rows)
-    q, k, v, masks, alphas = inputs(batch, heads, grid, orders, head_dim)
-    out = routed_attention(q, k, v, masks, alphas, grid=grid, orders=orders)
+def assert_matches_formula(q, k, v, masks, alphas, **kwargs):
+    out = routed_attention(q, k, v, masks, alphas, **kwargs)
     expected = reference_routed_attention(q, k, v, masks, alphas)
     torch.testing.assert_close(out, expected)
     grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+    wanted = (q, k, v, alphas)
+    for got, want in zip(torch.autograd.grad(out, wanted, grad), torch.autograd.grad(expected, wanted, grad)):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize('batch, heads, grid, orders, head_dim, rows', CASES)
-def test_binarized_dispatch_matches_formula(batch, heads, grid, orders, head_dim, rows):
-    q, k, v, masks, _ = inputs(6, heads, grid, orders, head_dim)
+@pytest.mark.parametrize('batch, heads, grid, orders, head_dim, prefix', CASES)
+def test_shared_scores_match_formula_forward_and_backward(batch, heads, grid, orders, head_dim, prefix):
+    q, k, v, masks, alphas = inputs(batch, heads, grid, orders, head_dim, prefix)
+    assert_matches_formula(q, k, v, masks, alphas)
+    assert_matches_formula(q, k, v, masks, alphas, layout=span_layout(masks))
+
+
+def test_zero_weights_in_training_keep_their_gradient():
+    """A weight of exactly zero (a saturated Gumbel sample) still gets d loss / d alpha."""
+    q, k, v, masks, _ = inputs(2, 2, (4, 4), [0, 1, 2], 8)
+    alphas = torch.tensor([[0.0, 1.0, 0.0], [0.3, 0.0, 0.7]], dtype=torch.float64, requires_grad=True)
+    assert_matches_formula(q, k, v, masks, alphas)
+
+
+def test_gradcheck_against_finite_differences():
+    q, k, v, masks, alphas = inputs(2, 2, (3, 4), [0, 1, 2], 4)
+    layout = span_layout(masks)
+    assert torch.autograd.gradcheck(lambda *t: routed_attention(*t[:3], masks, t[3], layout=layout), (q, k, v, alphas))
+
+
+def test_arbitrary_masks_work_too():
+    """Nothing assumes span masks: random masks (each row allowing itself) give the formula too."""
+    torch.manual_seed(3)
+    n = 12
+    masks = torch.rand(3, n, n) < 0.4
+    masks |= torch.eye(n, dtype=torch.bool)
+    masks[1] = True  # one global order
+    masks[2, 5] = True  # a row that is global in one local order only
+    q, k, v = (torch.randn(2, 2, n, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    alphas = torch.randn(2, 3, dtype=torch.float64).softmax(-1).requires_grad_()
+    assert_matches_formula(q, k, v, masks, alphas)
+
+
+def test_layout_of_span_masks_is_the_window():
+    layout = span_layout(span_masks(5, [0, 1, 2]))
+    assert layout.global_orders == (0,) and layout.local_orders == (1, 2)
+    assert layout.full_rows.tolist() == [True] + [False] * 25
+    assert layout.index.shape == (26, 1 + 25)  # CLS and the 5x5 window of the centre patch
+    centre = 1 + 2 * 5 + 2
+    assert sorted(layout.index[centre].tolist()) == [0] + list(range(1, 26))
+    assert int(layout.valid[0, centre].sum()) == 1 + 9 and int(layout.valid[1, centre].sum()) == 1 + 25
+
+
+def test_bf16_autocast_is_close_to_float32():
+    q, k, v, masks, alphas = inputs(2, 2, (4, 4), [0, 1, 2], 8)
+    expected = reference_routed_attention(q, k, v, masks, alphas)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = routed_attention(q.float().bfloat16(), k.float().bfloat16(), v.float().bfloat16(), masks, alphas.float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize('grid, orders, rows', [((4, 4), [0, 1, 2], 1), ((7, 3), [0, 1, 2], 3), ((5, 2), [1, 2, 3], 2),
+                                                ((2, 6), [2, 0], 2), ((6, 6), [0, 1, 2, 3], None)])
+def test_binarized_dispatch_matches_formula(monkeypatch, grid, orders, rows):
+    if rows is not None:  # tiles that overhang the grid, one row per tile, ...
+        monkeypatch.setattr(trar, '_tile_rows', lambda grid: rows)
+    q, k, v, masks, _ = inputs(6, 2, grid, orders, 8)
     choice = torch.arange(6) % len(orders)
     one_hot = F.one_hot(choice, len(orders)).double()
     with torch.no_grad():
         out = routed_attention(q, k, v, masks, one_hot, grid=grid, orders=orders)
+        without_grid = routed_attention(q, k, v, masks, one_hot)
     torch.testing.assert_close(out, reference_routed_attention(q, k, v, masks, one_hot))
+    torch.testing.assert_close(without_grid, reference_routed_attention(q, k, v, masks, one_hot))
 
 
 def test_binarized_dispatch_skips_unused_orders(monkeypatch):
@@ -57,16 +114,17 @@ def test_binarized_dispatch_skips_unused_orders(monkeypatch):
     assert calls == [1]  # only the CLS queries
 
 
-def test_dropout_falls_back_to_dense_orders():
+def test_dropout_uses_one_fused_attention_per_order():
     q, k, v, masks, alphas = inputs(2, 2, (3, 3), [0, 1], 8)
     torch.manual_seed(1)
-    dense = trar._dense_routed_attention(q, k, v, masks, alphas, 0.5)
+    expected = sum(alphas[:, l, None, None, None] * F.scaled_dot_product_attention(q, k, v, masks[l], dropout_p=0.5)
+                   for l in range(2))
     torch.manual_seed(1)
     out = routed_attention(q, k, v, masks, alphas, 0.5, grid=(3, 3), orders=[0, 1])
-    torch.testing.assert_close(out, dense)
+    torch.testing.assert_close(out, expected)
 
 
 def test_wrong_grid_is_rejected():
-    q, k, v, masks, alphas = inputs(1, 1, (3, 3), [0, 1], 4)
-    with pytest.raises(ValueError, match='grid'):
-        routed_attention(q, k, v, masks, alphas, grid=(3, 4), orders=[0, 1])
+    q, k, v, masks, _ = inputs(1, 1, (3, 3), [0, 1], 4)
+    with pytest.raises(ValueError, match='grid'), torch.no_grad():
+        routed_attention(q, k, v, masks, torch.tensor([[1.0, 0.0]]), grid=(3, 4), orders=[0, 1])
