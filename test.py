@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.config import get_config
+from model.config import get_config, parse_orders
 from model.modeling import VisionTransformer
 from utils.data_utils import IMAGENET_NAMES, class_names, get_eval_transform
 from utils.visualize import cls_attention, save_routing_plot
@@ -137,20 +137,13 @@ def config_from_flags(args: argparse.Namespace, default_orders: list[int] | None
     except ValueError as error:
         raise InputError(str(error)) from None
     if args.orders is not None:
-        config.transformer.orders = parse_orders(args.orders)
+        try:
+            config.transformer.orders = parse_orders(args.orders)
+        except ValueError as error:
+            raise InputError(str(error)) from None
     elif default_orders is not None:
         config.transformer.orders = default_orders
     return config
-
-
-def parse_orders(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]; 'none' -> [] (a plain ViT)."""
-    if text.strip().lower() == 'none':
-        return []
-    try:
-        return [int(order) for order in text.split(',')]
-    except ValueError:
-        raise InputError(f"--orders {text!r} is not a comma-separated list of integers or 'none'") from None
 
 
 def image_size_from_posemb(num_tokens: int, config: ml_collections.ConfigDict, path: Path) -> int:

@@ -141,12 +141,12 @@ def attention_steps(args, device: torch.device) -> dict:
     dtype = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
     q, k, v = (torch.randn(args.batch, heads, n, dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
-    alphas = torch.randn(args.batch, len(orders), device=device).softmax(-1)
+    alphas = torch.randn(args.batch, len(orders), device=device).softmax(-1).requires_grad_()  # routers learn
 
     def step_of(function):
         def step():
             function(q, k, v, masks, alphas).sum().backward()
-            q.grad = k.grad = v.grad = None
+            q.grad = k.grad = v.grad = alphas.grad = None
         return step
     routed = functools.partial(modeling.routed_attention, layout=span_layout(masks))
     return {'routed_attention': step_of(routed), 'stacked_attention': step_of(stacked_attention)}

@@ -26,12 +26,14 @@ def first_of_each_label(labels: np.ndarray) -> dict[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', type=Path, default=ROOT / 'pic')
-    parser.add_argument('--size', type=int, default=64, help='side of the saved images (nearest upscaling of 8x8)')
+    parser.add_argument('--size', type=int, default=32,
+                        help="side of the saved images: the demo's --img_size, so that test.py sees exactly the pixels "
+                             "training's evaluation transform makes of the 8x8 originals (the same bilinear resize)")
     args = parser.parse_args()
     images, labels = digits_split('val')
     args.out.mkdir(parents=True, exist_ok=True)
     for label, index in first_of_each_label(labels).items():
-        picture = Image.fromarray(images[index]).resize((args.size, args.size), Image.NEAREST)
+        picture = Image.fromarray(images[index]).resize((args.size, args.size), Image.BILINEAR)
         picture.save(args.out / f'digit_{label}.png')
         if label == 1:
             picture.convert('RGB').save(args.out / '1.jpg', quality=95)

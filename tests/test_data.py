@@ -63,6 +63,33 @@ def test_augmentation_depends_on_seed_epoch_and_index_only():
     assert not torch.equal(other_seed[5][0], first)
 
 
+class HalfWhite:
+    """One image, white on its left half and black on its right: a mirrored crop shows up as white on the right."""
+    classes = ['0']
+
+    def __len__(self):
+        return 64
+
+    def load(self, index):
+        pixels = np.zeros((32, 32), dtype=np.uint8)
+        pixels[:, :16] = 255
+        return Image.fromarray(pixels), 0
+
+
+def left_minus_right(image: torch.Tensor) -> float:
+    return float(image[:, :, :16].mean() - image[:, :, 16:].mean())
+
+
+def test_crop_augmentation_crops_but_never_mirrors():
+    crop = Augmented(HalfWhite(), get_train_transform(32, 'crop'), seed=0)
+    flip = Augmented(HalfWhite(), get_train_transform(32, 'flip'), seed=0)
+    crops = [left_minus_right(crop[i][0]) for i in range(64)]
+    assert min(crops) >= 0 and len(set(round(c, 4) for c in crops)) > 10  # random crops, none mirrored
+    assert min(left_minus_right(flip[i][0]) for i in range(64)) < 0  # flips do mirror some
+    with pytest.raises(ValueError, match="augment 'mirror'"):
+        get_train_transform(32, 'mirror')
+
+
 def test_batches_do_not_depend_on_worker_count():
     dataset = Augmented(load_split('digits', '', train=True), get_train_transform(16, 'flip'), seed=0)
     sampler = ShardedSampler(len(dataset), 16, rank=0, world_size=1, seed=0)

@@ -187,3 +187,18 @@ def test_legacy_img_scale_must_agree():
     with pytest.raises(ValueError, match='img_scale=24'):
         config.transformer.img_scale = 24
         VisionTransformer(config, img_size=32, num_classes=3)
+
+
+@pytest.mark.parametrize('routing, training', [('soft', True), ('soft', False), ('hard', True), ('hard', False)])
+def test_torch_compile_traces_one_graph_without_breaks(routing, training):
+    """torch.compile sees the whole model, routed attention included, as one graph (train and eval)."""
+    import torch._dynamo as dynamo
+
+    config = get_config('testing')
+    config.transformer.routing, config.transformer.binarize = routing, routing == 'hard'
+    model = VisionTransformer(config, img_size=32, num_classes=3).train(training)
+    dynamo.reset()
+    with torch.set_grad_enabled(training):
+        explanation = dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

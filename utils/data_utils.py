@@ -54,7 +54,7 @@ def get_train_transform(img_size: int, augment: str) -> Callable:
     """The training transform.
 
     `flip`: ViT fine-tuning's random resized crop (scale 0.05-1) and horizontal flip, as the original code;
-    `crop`: a milder random resized crop (scale 0.25-1) without the flip, for images whose mirror image is
+    `crop`: a milder random resized crop (scale 0.5-1) without the flip, for images whose mirror image is
     another class (digits, text); `none`: the evaluation transform.
     """
     if augment not in AUGMENTS:
