@@ -6,10 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DATASET=${DATASET:-imagenet}              # cifar10, cifar100, imagenet or digits
-DATA_DIR=${DATA_DIR:-./data/imagenet}     # imagenet: train/ and val/ ImageFolder trees below it
+if [[ $DATASET == imagenet ]]; then default_data=./data/imagenet; else default_data=./data; fi
+DATA_DIR=${DATA_DIR:-$default_data}       # imagenet: train/ and val/ ImageFolder trees below it
 MODEL_TYPE=${MODEL_TYPE:-ViT-B_16}
 IMG_SIZE=${IMG_SIZE:-384}                 # 224 or 384
-NAME=${NAME:-imagenet_vit_trar}
+NAME=${NAME:-${DATASET}_vit_trar}
 GPUS=${GPUS:-0,1,2,3,4,5,6,7}             # devices to use; one process per device
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-512} # global batch over all processes
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-64}

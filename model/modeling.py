@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from .trar import (Router, SpanLayout, as_grid, check_orders, routed_attention, routed_attention_maps, span_layout,
-                   span_masks)
+from .trar import (Router, SpanLayout, as_grid, check_orders, check_routing, routed_attention, routed_attention_maps,
+                   span_layout, span_masks)
 
 
 class Embeddings(nn.Module):
@@ -175,6 +175,7 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(config, self.img_size)
         self.grid = self.transformer.embeddings.grid
         check_orders(config.transformer.orders, self.grid)
+        check_routing(config.transformer.pooling, config.transformer.routing)
         _check_img_scale(config, self.grid)
         self.head = nn.Linear(config.hidden_size, num_classes)
         if zero_head:
@@ -226,14 +227,15 @@ class VisionTransformer(nn.Module):
         the image size differs; routers keep their initialisation. Missing keys or wrong shapes
         raise a ValueError listing them all.
         """
-        params = dict(_official_to_torch(weights, self.config, skip_head=self.zero_head))
-        params['transformer.embeddings.position_embeddings'] = _resize_posemb(
-            params['transformer.embeddings.position_embeddings'], self.grid)
+        params, problems = _official_to_torch(weights, self.config, skip_head=self.zero_head)
+        posemb = 'transformer.embeddings.position_embeddings'
+        if posemb in params:
+            params[posemb] = _resize_posemb(params[posemb], self.grid)
         own = self.state_dict()
-        wrong = [f"{name}: file {tuple(value.shape)} vs model {tuple(own[name].shape)}"
-                 for name, value in params.items() if tuple(value.shape) != tuple(own[name].shape)]
-        if wrong:
-            raise ValueError(f"checkpoint shapes do not fit this config: {'; '.join(wrong)}")
+        problems += [f"{name}: file {tuple(value.shape)} vs model {tuple(own[name].shape)}"
+                     for name, value in params.items() if tuple(value.shape) != tuple(own[name].shape)]
+        if problems:
+            raise ValueError(f"checkpoint does not fit this config ({len(problems)} problems): {'; '.join(problems)}")
         for name, value in params.items():
             own[name].copy_(value)
 
@@ -248,8 +250,8 @@ def _check_img_scale(config: ml_collections.ConfigDict, grid: tuple[int, int]) -
 
 
 def _official_to_torch(weights: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
-                       skip_head: bool):
-    """Yield (state-dict name, tensor) pairs from an official `.npz`; raise listing missing keys."""
+                       skip_head: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """State-dict tensors from an official `.npz`, and the problems found: missing keys, arrays that do not convert."""
     hidden = config.hidden_size
     names = {
         'transformer.embeddings.patch_embeddings.weight': ('embedding/kernel', lambda w: w.transpose(3, 2, 0, 1)),
@@ -274,12 +276,17 @@ def _official_to_torch(weights: Mapping[str, np.ndarray], config: ml_collections
         for j, part in ((0, 'attention_norm'), (2, 'ffn_norm')):
             names[f'{ours}{part}.weight'] = (f'{theirs}LayerNorm_{j}/scale', None)
             names[f'{ours}{part}.bias'] = (f'{theirs}LayerNorm_{j}/bias', None)
-    missing = [key for key, _ in names.values() if key not in weights]
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} keys for this config: {', '.join(missing)}")
+    params, problems = {}, []
     for name, (key, convert) in names.items():
+        if key not in weights:
+            problems.append(f"missing {key}")
+            continue
         value = np.asarray(weights[key])
-        yield name, torch.from_numpy(np.ascontiguousarray(convert(value) if convert else value)).float()
+        try:
+            params[name] = torch.from_numpy(np.ascontiguousarray(convert(value) if convert else value)).float()
+        except ValueError:  # a reshape to this config's width failed
+            problems.append(f"{key}: file {value.shape} does not fit hidden_size {hidden}")
+    return params, problems
 
 
 def _resize_posemb(posemb: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -338,6 +338,14 @@ def routed_attention_maps(q: torch.Tensor, k: torch.Tensor, masks: torch.Tensor,
     return mixed
 
 
+def check_routing(pooling: str, routing: str) -> None:
+    """Reject unknown router pooling or routing names."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+    if routing not in ROUTINGS:
+        raise ValueError(f"unknown routing {routing!r}; expected one of {ROUTINGS}")
+
+
 class Router(nn.Module):
     """Predicts per-sample weights over the span orders from a block's input tokens.
 
@@ -349,10 +357,7 @@ class Router(nn.Module):
     def __init__(self, dim: int, num_orders: int, pooling: str = 'avg', routing: str = 'soft',
                  binarize: bool = False, reduction: int = 2):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
-        if routing not in ROUTINGS:
-            raise ValueError(f"unknown routing {routing!r}; expected one of {ROUTINGS}")
+        check_routing(pooling, routing)
         self.pooling, self.routing, self.binarize = pooling, routing, binarize
         hidden = max(dim // reduction, 1)
         if pooling == 'attention':
@@ -360,7 +365,7 @@ class Router(nn.Module):
         elif pooling == 'fc':
             self.token_scores = nn.Linear(dim, 1)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(inplace=True), nn.Linear(hidden, num_orders))
-        self.register_buffer('tau', torch.tensor(1.0), persistent=False)
+        self.register_buffer('tau', torch.tensor(1.0))  # saved: evaluation uses the temperature reached
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) tokens -> (B, D) summary."""

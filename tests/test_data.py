@@ -155,6 +155,19 @@ def test_missing_datasets_say_where_to_put_them(tmp_path):
         load_split('mnist', str(tmp_path), train=True)
 
 
+def test_offline_cifar_says_which_folder_and_where_to_get_it(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise RuntimeError('<urlopen error [Errno -3] Temporary failure in name resolution>')
+    for name in ('CIFAR10', 'CIFAR100'):
+        monkeypatch.setattr(f'torchvision.datasets.{name}', type(name, (), {'__init__': offline, 'url': f'https://{name}.tar.gz'}))
+    with pytest.raises(FileNotFoundError) as error:
+        load_split('cifar10', str(tmp_path), train=True)
+    message = str(error.value)
+    assert str(tmp_path / 'cifar-10-batches-py') in message and 'https://CIFAR10.tar.gz' in message
+    with pytest.raises(FileNotFoundError, match='cifar-100-python'):
+        load_split('cifar100', str(tmp_path), train=False)
+
+
 def test_lr_schedule_warmup_then_decay():
     assert lr_factor(0, 10, 110, 'cosine') == 0 and lr_factor(5, 10, 110, 'cosine') == 0.5
     assert lr_factor(10, 10, 110, 'cosine') == 1 and lr_factor(110, 10, 110, 'cosine') == pytest.approx(0)

@@ -109,11 +109,30 @@ def test_load_from_lists_missing_keys_and_wrong_shapes():
     weights = make_official_weights(config, img_size=32, num_classes=5)
     del weights['cls'], weights['Transformer/encoderblock_1/LayerNorm_2/bias']
     model = VisionTransformer(config, img_size=32, num_classes=5)
-    with pytest.raises(ValueError, match='cls.*encoderblock_1/LayerNorm_2/bias'):
+    with pytest.raises(ValueError, match='missing cls.*missing Transformer/encoderblock_1/LayerNorm_2/bias'):
         model.load_from(weights)
     wrong = make_official_weights(config, img_size=32, num_classes=9)
     with pytest.raises(ValueError, match=r'head\.weight'):
         model.load_from(wrong)
+    wider = plain()
+    wider.hidden_size = 48
+    wide = make_official_weights(wider, img_size=32, num_classes=5)
+    del wide['cls']
+    with pytest.raises(ValueError) as error:  # another width: every problem in one message, none from numpy
+        model.load_from(wide)
+    message = str(error.value)
+    assert 'missing cls' in message and 'query/kernel: file (48, 2, 24) does not fit hidden_size 32' in message
+    assert 'encoder_norm.weight: file (48,) vs model (32,)' in message and '\n' not in message
+
+
+def test_tau_is_saved_with_the_weights():
+    config = get_config('testing')
+    config.transformer.routing = 'hard'
+    model = VisionTransformer(config, img_size=32, num_classes=3)
+    model.set_tau(0.25)
+    restored = VisionTransformer(config, img_size=32, num_classes=3)
+    restored.load_state_dict(model.state_dict())
+    assert all(float(b.attn.router.tau) == 0.25 for b in restored.transformer.encoder.layer)
 
 
 def test_routing_weights_and_tau():
@@ -163,6 +182,7 @@ def test_non_square_images():
     ({'transformer.orders': [0, 8]}, {}, 'order 8'),
     ({'transformer.pooling': 'max'}, {}, 'pooling'),
     ({'transformer.routing': 'sparse'}, {}, 'routing'),
+    ({'transformer.orders': [], 'transformer.pooling': 'max'}, {}, 'pooling'),  # checked without routers too
 ])
 def test_bad_config_values_are_rejected(change, kwargs, message):
     config = get_config('testing')

@@ -184,7 +184,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_resuming_with_another_model_is_refused(tmp_path):
     train.main(tiny_args(tmp_path, 'a', steps=3))
-    with pytest.raises(ValueError, match='another model.*config'):
+    with pytest.raises(ValueError, match=r'another model: config\.transformer\.orders: checkpoint \[0, 1\] vs run \[0, 1, 2\]$'):
         train.main(tiny_args(tmp_path, 'b', '--orders', '0,1,2', '--resume_path', str(tmp_path / 'a' / 'last.ckpt')))
     (tmp_path / 'junk.ckpt').write_bytes(b'not a checkpoint')
     with pytest.raises(ValueError, match='not a readable checkpoint'):
@@ -268,3 +268,16 @@ def test_train_sh_runs_on_a_machine_without_gpus(tmp_path):
         assert json.loads(result.stdout.strip().splitlines()[-1])['steps'] == 2
     args = json.loads(json.dumps(torch.load(tmp_path / 'sh' / 'last.ckpt', weights_only=True)['args']))
     assert args['fp16'] and args['fp16_opt_level'] == 'O2' and args['img_size'] == 32
+
+
+def test_seed_flags_keep_their_names_and_defaults():
+    """The original train.py's flags, with its defaults, still parse the same way."""
+    args = vars(train.get_args(['--name', 'run']))
+    seed_defaults = {
+        'dataset': 'cifar10', 'model_type': 'ViT-B_16', 'pretrained_dir': 'checkpoint/ViT-B_16.npz',
+        'output_dir': 'output', 'img_size': 224, 'train_batch_size': 512, 'eval_batch_size': 64, 'eval_every': 100,
+        'learning_rate': 3e-2, 'weight_decay': 0, 'num_steps': 10000, 'decay_type': 'cosine', 'warmup_steps': 500,
+        'max_grad_norm': 1.0, 'seed': 42, 'gradient_accumulation_steps': 1, 'fp16': False, 'fp16_opt_level': 'O2',
+        'loss_scale': 0, 'resume_path': None, 'data_dir': './data', 'num_workers': 4,
+    }
+    assert {key: args[key] for key in seed_defaults} == seed_defaults

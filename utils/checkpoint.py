@@ -56,8 +56,21 @@ def set_rng_state(state: dict) -> None:
 
 
 def check_compatible(checkpoint: dict, expected: dict) -> None:
-    """Raise a one-line error naming every field where a checkpoint's model differs from this run's."""
-    differences = [f"{key}: checkpoint {checkpoint.get(key)!r} vs run {value!r}"
-                   for key, value in expected.items() if checkpoint.get(key) != value]
+    """Raise a one-line error naming every field where a checkpoint's model differs from this run's.
+
+    Nested dicts (the config) are compared field by field: `config.transformer.orders: [0, 1] vs [0, 1, 2]`.
+    """
+    differences = [f"{key}: checkpoint {theirs!r} vs run {ours!r}"
+                   for key, theirs, ours in _differences(checkpoint, expected)]
     if differences:
         raise ValueError("checkpoint is from another model: " + '; '.join(differences))
+
+
+def _differences(theirs: dict, ours: dict, prefix: str = ''):
+    """(dotted key, their value, our value) for every key of `ours` whose value differs."""
+    for key, value in ours.items():
+        other = theirs.get(key) if isinstance(theirs, dict) else None
+        if isinstance(value, dict) and isinstance(other, dict):
+            yield from _differences(other, value, f'{prefix}{key}.')
+        elif other != value:
+            yield f'{prefix}{key}', other, value
