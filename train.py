@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         scheduler.load_state_dict(resume['scheduler'])
         if precision.scaler is not None and resume.get('scaler'):
             precision.scaler.load_state_dict(resume['scaler'])
-        state = RunState(**{field: resume[field] for field in RunState.__dataclass_fields__})
+        state = RunState(**{field: resume[field] for field in RunState.__dataclass_fields__ if field in resume})
         if len(resume['rng']) == world:
             checkpoints.set_rng_state(resume['rng'][rank])
         elif main_process:
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
             log_routing(writer, model, state.step)
         if state.step % args.eval_every and state.step != args.num_steps:
             return
-        accuracy, val_loss = evaluate(model, val_loader, precision)
+        accuracy, val_loss, state.val_images = evaluate(model, val_loader, precision)
         if not math.isfinite(val_loss):
             raise FloatingPointError(f"non-finite validation loss at step {state.step}")
         improved = accuracy > state.best_acc
@@ -301,14 +301,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise FloatingPointError(f"{error}{kept}") from None
 
     if state.final_acc is None:  # resumed from the final checkpoint: nothing left to train
-        state.final_acc, _ = evaluate(model, val_loader, precision)
+        state.final_acc, _, state.val_images = evaluate(model, val_loader, precision)
     results = {
         'name': args.name, 'model_type': args.model_type, 'orders': list(config.transformer.orders),
         'img_size': args.img_size, 'dataset': args.dataset, 'best_acc': state.best_acc, 'final_acc': state.final_acc,
         'steps': state.step, 'seconds': round(seconds_before + time.time() - start_time, 2),
         'peak_memory_mib': round(peak_memory_mib(device), 1),
         'peak_memory_kind': 'cuda_max_allocated' if device.type == 'cuda' else 'cpu_max_rss',
-        'world_size': world, 'skipped_images': state.skipped_images,
+        'val_images': state.val_images, 'world_size': world, 'skipped_images': state.skipped_images,
     }
     if main_process:
         writer.close()

@@ -2,8 +2,10 @@
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from train_helpers import run_train, tiny_args, weights
 
@@ -30,3 +32,20 @@ def test_processes_times_accumulation_give_the_same_model(tmp_path):
             torch.testing.assert_close(other[key], value, rtol=1e-5, atol=1e-6, msg=f'{name}: {key}')
         # Every validation image counted once whatever the number of processes.
         assert results[name]['final_acc'] == pytest.approx(results['p1x4']['final_acc'], abs=1e-9)
+
+
+def test_every_validation_image_is_counted_once_when_processes_do_not_divide_it(tmp_path):
+    """7 validation images on 2 processes: 7 counted (padding with duplicates would count 8)."""
+    rng = np.random.default_rng(0)
+    for split, count in (('train', 8), ('val', 7)):
+        for index in range(count):
+            folder = tmp_path / 'data' / split / f'class{index % 2}'
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f'{index}.png')
+    args = tiny_args(tmp_path, 'odd', '--dataset', 'imagenet', '--data_dir', str(tmp_path / 'data'),
+                     '--eval_batch_size', '2', steps=1, batch=8)
+    result = run_train(args, launcher=torchrun(2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary['val_images'] == 7 and summary['world_size'] == 2
+    assert (summary['final_acc'] * 7) == pytest.approx(round(summary['final_acc'] * 7))

@@ -88,6 +88,7 @@ class RunState:
     final_acc: float | None = None
     seconds: float = 0.0
     skipped_images: int = 0
+    val_images: int = 0  # images counted by the last evaluation
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
@@ -139,8 +140,8 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, precision: Precision) -> tuple[float, float]:
-    """Top-1 accuracy and mean loss over the validation set: each process's shard, summed over processes."""
+def evaluate(model: torch.nn.Module, loader: DataLoader, precision: Precision) -> tuple[float, float, int]:
+    """Top-1 accuracy, mean loss and number of images over the validation set: each process's shard, summed."""
     model.eval()
     device = next(model.parameters()).device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, count, loss sum
@@ -157,7 +158,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, precision: Precision) -
     correct, count, loss_sum = totals.tolist()
     if count == 0:
         raise ValueError("the validation set has no readable images")
-    return correct / count, loss_sum / count
+    return correct / count, loss_sum / count, int(count)
 
 
 def peak_memory_mib(device: torch.device) -> float:
