@@ -165,7 +165,7 @@ class _SharedScoresAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, alphas, index, valid, full_rows = ctx.saved_tensors
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        grad_alphas = torch.zeros_like(alphas, dtype=q.dtype)
+        grad_alphas = torch.zeros_like(alphas, dtype=torch.promote_types(q.dtype, torch.float32))
         with torch.autocast(q.device.type, enabled=False):
             for samples, heads in _chunks(q.shape, q.device):
                 parts = _SharedScores(q[samples, heads], k[samples, heads], alphas[samples].to(q.dtype), index, valid,
@@ -217,9 +217,10 @@ class _SharedScores:
             grad_alphas[:, l] += row_dot.sum(dim=1)
         grad_window = grad_map.gather(-1, self.index)
         grad_window_scores = torch.zeros_like(grad_window)
+        full_rows = 1 - self.local_rows  # where a local order is global too
         for l, weight, probs in zip(self.local_orders, self.local_weights, self.window_probs):
             dot = (grad_window * probs).sum(dim=-1)  # (B, H, N)
-            grad_alphas[:, l] += (row_dot * (1 - self.local_rows)).sum(dim=1) + (dot.sum(dim=1) * self.local_rows).sum(dim=1)
+            grad_alphas[:, l] += (row_dot * full_rows).sum(dim=1) + (dot.sum(dim=1) * self.local_rows).sum(dim=1)
             grad_window_scores += weight[:, None, :, None] * probs * (grad_window - dot[..., None])
         # The mixed map for dV, then back to the scaled global probabilities for the softmax's backward.
         scaled = self.probs.mul_(self.row_scale[:, None, :, None])
