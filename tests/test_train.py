@@ -281,3 +281,26 @@ def test_seed_flags_keep_their_names_and_defaults():
         'loss_scale': 0, 'resume_path': None, 'data_dir': './data', 'num_workers': 4,
     }
     assert {key: args[key] for key in seed_defaults} == seed_defaults
+
+
+def test_gradients_are_clipped_to_max_grad_norm_before_the_optimizer_steps():
+    """First SGD step (momentum buffer empty): the update is lr times the gradient clipped to max_grad_norm."""
+    config = get_config('testing')
+    config.transformer.dropout_rate = 0.0
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+
+    def update(max_grad_norm: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = VisionTransformer(config, img_size=32, num_classes=10)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        train_one_epoch(model, [(images, labels, 0)], optimizer, scheduler, Precision('cpu'), RunState(), num_steps=1,
+                        accumulation=1, max_grad_norm=max_grad_norm, on_step=lambda loss: None)
+        return before - torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    raw = update(0)
+    assert raw.norm() > 0.01
+    clipped = update(0.01)
+    torch.testing.assert_close(clipped.norm(), torch.tensor(0.01), rtol=1e-4, atol=0)
+    torch.testing.assert_close(clipped, raw * (0.01 / raw.norm()), rtol=1e-3, atol=2e-7)  # float32 weights near 1
