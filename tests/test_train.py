@@ -304,3 +304,18 @@ def test_gradients_are_clipped_to_max_grad_norm_before_the_optimizer_steps():
     clipped = update(0.01)
     torch.testing.assert_close(clipped.norm(), torch.tensor(0.01), rtol=1e-4, atol=0)
     torch.testing.assert_close(clipped, raw * (0.01 / raw.norm()), rtol=1e-3, atol=2e-7)  # float32 weights near 1
+
+
+def test_train_sh_starts_several_cpu_processes_and_resumes(tmp_path):
+    env = {**os.environ, 'DATASET': 'digits', 'MODEL_TYPE': 'testing', 'IMG_SIZE': '32', 'NAME': 'two',
+           'TRAIN_BATCH_SIZE': '16', 'EVAL_BATCH_SIZE': '90', 'NUM_STEPS': '2', 'WARMUP_STEPS': '1',
+           'PRETRAINED_DIR': 'none', 'CUDA_VISIBLE_DEVICES': '', 'NPROC': '2'}
+    command = ['bash', 'train.sh', '--output_dir', str(tmp_path), '--num_workers', '0']
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout.strip().splitlines()[-1])['world_size'] == 2
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**env, 'NUM_STEPS': '3', 'RESUME_PATH': str(tmp_path / 'two' / 'last.ckpt')})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary['steps'] == 3 and summary['world_size'] == 2
