@@ -156,7 +156,10 @@ def peak_memory_mib(kind: str, name: str, args) -> float:
     """Peak memory of one step of `name` (a model variant or an attention function)."""
     device = torch.device(args.device)
     if device.type == 'cuda':
-        steps = attention_steps(args, device) if kind == 'attention' else {name: make_step(build(name, args), args, device)}
+        if kind == 'attention':
+            steps = attention_steps(args, device)
+        else:
+            steps = {name: make_step(build(name, args), args, device)}
         steps[name]()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

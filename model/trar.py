@@ -272,7 +272,8 @@ def _local_patch_attention(q, k, v, alphas, grid, orders, tile_rows=None) -> tor
     rows = tile_rows or _tile_rows(grid)
     tiles = -(-h // rows)
     extra = tiles * rows - h
-    queries = F.pad(q[:, :, 1:].reshape(b, heads, h, w, d), (0, 0, 0, 0, 0, extra)).reshape(b, heads, tiles, rows * w, d)
+    queries = F.pad(q[:, :, 1:].reshape(b, heads, h, w, d), (0, 0, 0, 0, 0, extra))
+    queries = queries.reshape(b, heads, tiles, rows * w, d)
     band_k, band_v = (_row_band(t, grid, reach, rows, extra) for t in (k, v))
     scores = (queries * d ** -0.5) @ band_k.transpose(-2, -1)
     mixed = 0
@@ -365,7 +366,8 @@ class Router(nn.Module):
             self.token_scores = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
         elif pooling == 'fc':
             self.token_scores = nn.Linear(dim, 1)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(inplace=True), nn.Linear(hidden, num_orders))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, num_orders))
         self.register_buffer('tau', torch.tensor(1.0))  # saved: evaluation uses the temperature reached
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:

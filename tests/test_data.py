@@ -159,7 +159,8 @@ def test_offline_cifar_says_which_folder_and_where_to_get_it(tmp_path, monkeypat
     def offline(*args, **kwargs):
         raise RuntimeError('<urlopen error [Errno -3] Temporary failure in name resolution>')
     for name in ('CIFAR10', 'CIFAR100'):
-        monkeypatch.setattr(f'torchvision.datasets.{name}', type(name, (), {'__init__': offline, 'url': f'https://{name}.tar.gz'}))
+        stand_in = type(name, (), {'__init__': offline, 'url': f'https://{name}.tar.gz'})
+        monkeypatch.setattr(f'torchvision.datasets.{name}', stand_in)
     with pytest.raises(FileNotFoundError) as error:
         load_split('cifar10', str(tmp_path), train=True)
     message = str(error.value)

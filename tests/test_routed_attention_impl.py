@@ -108,9 +108,11 @@ def test_binarized_dispatch_skips_unused_orders(monkeypatch):
     q, k, v, masks, _ = inputs(2, 2, (4, 4), [0, 1], 8)
     calls = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(trar.F, 'scaled_dot_product_attention', lambda q, *a, **kw: calls.append(q.shape[2]) or sdpa(q, *a, **kw))
+    monkeypatch.setattr(trar.F, 'scaled_dot_product_attention',
+                        lambda q, *a, **kw: calls.append(q.shape[2]) or sdpa(q, *a, **kw))
     with torch.no_grad():
-        routed_attention(q, k, v, masks, torch.tensor([[0., 1.], [0., 1.]], dtype=torch.float64), grid=(4, 4), orders=[0, 1])
+        local_only = torch.tensor([[0., 1.], [0., 1.]], dtype=torch.float64)
+        routed_attention(q, k, v, masks, local_only, grid=(4, 4), orders=[0, 1])
     assert calls == [1]  # only the CLS queries
 
 

@@ -184,7 +184,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_resuming_with_another_model_is_refused(tmp_path):
     train.main(tiny_args(tmp_path, 'a', steps=3))
-    with pytest.raises(ValueError, match=r'another model: config\.transformer\.orders: checkpoint \[0, 1\] vs run \[0, 1, 2\]$'):
+    named = r'another model: config\.transformer\.orders: checkpoint \[0, 1\] vs run \[0, 1, 2\]$'
+    with pytest.raises(ValueError, match=named):
         train.main(tiny_args(tmp_path, 'b', '--orders', '0,1,2', '--resume_path', str(tmp_path / 'a' / 'last.ckpt')))
     (tmp_path / 'junk.ckpt').write_bytes(b'not a checkpoint')
     with pytest.raises(ValueError, match='not a readable checkpoint'):
