@@ -80,8 +80,8 @@ class Attention(nn.Module):
                 attention_map = routed_attention_maps(q, k, masks, alphas)
                 context = attention_map.to(v.dtype) @ v
             else:
-                context = routed_attention(q, k, v, masks, alphas, dropout_p, layout=layout, grid=self.grid,
-                                           orders=self.orders)
+                spans = dict(grid=self.grid, orders=self.orders) if self.router.binarize else {}  # per-image dispatch
+                context = routed_attention(q, k, v, masks, alphas, dropout_p, layout=layout, **spans)
         out = self.proj_dropout(self.out(context.transpose(1, 2).flatten(2)))
         return out, attention_map
 

@@ -103,15 +103,16 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
     it, so training keeps no (N, N) tensor per layer. Costs: the matrix products of plain attention
     plus a few passes over one score matrix.
 
-    With `grid` and `orders` (what `masks` was built from by `span_masks`, one CLS token), inference
-    with zero weights (hard routing with `binarize`) computes only the orders each sample uses.
+    Passing `grid` and `orders` (what `masks` was built from by `span_masks`, one CLS token) asks for
+    per-sample dispatch in inference: with zero weights (hard routing with `binarize`), each sample
+    computes only the orders it uses. The check for zeros reads the weights back from the device, so
+    callers pass them only when weights can be zero.
     With attention dropout in training, each order is one fused masked attention (dropout acts on each map).
     """
     if dropout_p > 0 and torch.is_grad_enabled():
         return _dense_routed_attention(q, k, v, masks, alphas, dropout_p)
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and bool((alphas == 0).any()):
-        if grid is None or orders is None:
-            return _only_weighted_orders(q, k, v, masks, alphas)
+    dispatch = grid is not None and orders is not None and not torch.is_grad_enabled()
+    if dispatch and not torch.compiler.is_compiling() and bool((alphas == 0).any()):
         grid, orders = as_grid(grid), [int(o) for o in orders]
         if q.shape[2] != 1 + grid[0] * grid[1] or alphas.shape[1] != len(orders):
             raise ValueError(f"{q.shape[2]} tokens and {alphas.shape[1]} routing weights do not fit a "
@@ -314,17 +315,6 @@ def _band_masks(grid, reach, rows, orders, device) -> torch.Tensor:
         ok = ok.reshape(tiles, rows * w, -1)
         masks.append(torch.cat([ok.new_ones(tiles, rows * w, 1), ok], dim=-1))
     return torch.stack(masks)
-
-
-def _only_weighted_orders(q, k, v, masks, alphas) -> torch.Tensor:
-    """Inference with zero weights (e.g. one-hot routing): each order runs only on the samples that use it."""
-    out = torch.zeros_like(q)
-    for index in range(masks.shape[0]):
-        samples = alphas[:, index].nonzero().flatten()
-        if len(samples):
-            span = F.scaled_dot_product_attention(q[samples], k[samples], v[samples], attn_mask=masks[index])
-            out[samples] += alphas[samples, index, None, None, None].to(span.dtype) * span
-    return out
 
 
 def routed_attention_maps(q: torch.Tensor, k: torch.Tensor, masks: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:

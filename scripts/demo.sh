@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo, on any CPU in about two minutes: train a small TRAR-ViT on scikit-learn's handwritten
+# The demo, on any CPU in about a minute: train a small TRAR-ViT on scikit-learn's handwritten
 # digits (run `demo`, in output/demo/), predict the sample digits in pic/ and draw the routing
 # picture of pic/1.jpg to output/demo/routing.png.
 #

@@ -222,3 +222,20 @@ def test_torch_compile_traces_one_graph_without_breaks(routing, training):
         explanation = dynamo.explain(model)(torch.randn(2, 3, 32, 32))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_only_binarized_models_dispatch_per_image_in_inference(monkeypatch):
+    """One-hot routing skips unused orders; soft routing never pays for looking at the weights."""
+    import model.trar as trar
+
+    calls = []
+    dispatch = trar._windowed_weighted_samples
+    monkeypatch.setattr(trar, '_windowed_weighted_samples', lambda *a: calls.append(1) or dispatch(*a))
+    x = torch.randn(3, 3, 32, 32)
+    for routing in ('soft', 'hard'):
+        config = get_config('testing')
+        config.transformer.routing, config.transformer.binarize = routing, routing == 'hard'
+        model = VisionTransformer(config, img_size=32, num_classes=3).eval()
+        with torch.no_grad():
+            model(x)
+        assert len(calls) == (0 if routing == 'soft' else 2)  # once per layer for one-hot weights
