@@ -26,15 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import modeling  # noqa: E402
 from model.config import get_config, parse_orders  # noqa: E402
 from model.modeling import VisionTransformer  # noqa: E402
-from model.trar import span_layout, span_masks  # noqa: E402
+from model.trar import _chunks, span_layout, span_masks  # noqa: E402
 
 
 def stacked_attention(q, k, v, masks, alphas, dropout_p=0.0, **spans):
-    """The original TRAR formulation: one masked softmax map per order, stacked (B, L, H, N, N), mixed, applied to V."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    maps = torch.stack([scores.masked_fill(~mask, -1e9).softmax(-1) for mask in masks], dim=1)
-    mixed = (maps * alphas[:, :, None, None, None].to(maps.dtype)).sum(dim=1)
-    return F.dropout(mixed, dropout_p) @ v
+    """The original TRAR code's attention, step for step: per order a masked softmax map (dropout on each),
+    concatenated one by one into (B, L, H, N, N), mixed by the routing weights with einsum, applied to V."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    for i, mask in enumerate(masks):
+        att_map = F.dropout(F.softmax(scores.masked_fill(~mask, -1e9), dim=-1), dropout_p, torch.is_grad_enabled())
+        att_list = att_map.unsqueeze(1) if i == 0 else torch.cat((att_list, att_map.unsqueeze(1)), 1)
+    att_map = torch.einsum('bl,blcnm->bcnm', alphas.to(att_list.dtype), att_list)
+    return torch.matmul(att_map, v)
 
 
 class StackedViT(VisionTransformer):
@@ -132,8 +135,9 @@ def time_rounds(steps: dict, args, device: torch.device) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def attention_steps(args, device: torch.device) -> dict:
-    """routed_attention and the stacked baseline alone, forward+backward, at ViT-B/16's shapes."""
+def attention_steps(args, device: torch.device, layers: int) -> dict:
+    """routed_attention and the stacked baseline alone at ViT-B/16's shapes: `layers` forwards, then one backward
+    through all of them, as a training step runs its blocks (each layer keeps what its backward needs)."""
     grid = args.img_size // 16
     n, heads, dim = grid * grid + 1, 12, 64
     orders = parse_orders(args.orders)
@@ -145,19 +149,32 @@ def attention_steps(args, device: torch.device) -> dict:
 
     def step_of(function):
         def step():
-            function(q, k, v, masks, alphas).sum().backward()
+            sum(function(q, k, v, masks, alphas) for _ in range(layers)).sum().backward()
             q.grad = k.grad = v.grad = alphas.grad = None
         return step
+    def products_only():
+        """The seven (N, N) x (N, d) products of exact attention fwd+bwd with recomputed scores, nothing else,
+        in routed_attention's chunks of heads (which run them faster than one big batch on a CPU)."""
+        with torch.no_grad():
+            for samples, heads in _chunks(q.shape, q.device):
+                cq, ck, cv = q[samples, heads], k[samples, heads], v[samples, heads]
+                scores = cq @ ck.transpose(-2, -1)  # forward: scores, then the map times V
+                grad_out = scores @ cv
+                scores = cq @ ck.transpose(-2, -1)  # backward: recomputed scores, d map, dV, dQ, dK
+                grad_map = grad_out @ cv.transpose(-2, -1)
+                scores.transpose(-2, -1) @ grad_out, grad_map @ ck, grad_map.transpose(-2, -1) @ cq
+
     routed = functools.partial(modeling.routed_attention, layout=span_layout(masks))
-    return {'routed_attention': step_of(routed), 'stacked_attention': step_of(stacked_attention)}
+    steps = {'routed_attention': step_of(routed), 'stacked_attention': step_of(stacked_attention)}
+    return steps | {'products_only': products_only} if layers == 1 else steps
 
 
 def peak_memory_mib(kind: str, name: str, args) -> float:
     """Peak memory of one step of `name` (a model variant or an attention function)."""
     device = torch.device(args.device)
     if device.type == 'cuda':
-        if kind == 'attention':
-            steps = attention_steps(args, device)
+        if kind.startswith('attention'):
+            steps = attention_steps(args, device, attention_layers(kind))
         else:
             steps = {name: make_step(build(name, args), args, device)}
         steps[name]()
@@ -168,6 +185,11 @@ def peak_memory_mib(kind: str, name: str, args) -> float:
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     with multiprocessing.get_context('spawn').Pool(1) as pool:
         return pool.apply(_cpu_peak_rss_mib, (kind, name, args))
+
+
+def attention_layers(kind: str) -> int:
+    """'attention 12' -> 12."""
+    return int(kind.split()[1])
 
 
 def _proc_status_kib(field: str) -> int:
@@ -182,7 +204,10 @@ def _cpu_peak_rss_mib(kind: str, name: str, args) -> float:
     torch.set_num_threads(args.threads)
     before = _proc_status_kib('VmRSS')
     device = torch.device('cpu')
-    step = attention_steps(args, device)[name] if kind == 'attention' else make_step(build(name, args), args, device)
+    if kind.startswith('attention'):
+        step = attention_steps(args, device, attention_layers(kind))[name]
+    else:
+        step = make_step(build(name, args), args, device)
     step()
     step()
     return (_proc_status_kib('VmHWM') - before) / 1024
@@ -219,6 +244,8 @@ def main() -> None:
     p.add_argument('--repeats', type=int, default=5, help='timed rounds (the median is reported)')
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--threads', type=int, default=2, help='CPU threads')
+    p.add_argument('--attention_layers', type=int, default=12,
+                   help='layers in the attention-alone comparison besides one (ViT-B/16 has 12)')
     p.add_argument('--no_memory', action='store_true', help='skip the peak-memory measurements')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -229,11 +256,13 @@ def main() -> None:
 
     names = variants(args)
     step_times = time_rounds({n: make_step(build(n, args), args, device) for n in names}, args, device)
-    attention_times = time_rounds(attention_steps(args, device), args, device)
+    depths = sorted({1, args.attention_layers})
+    attention_times = {layers: time_rounds(attention_steps(args, device, layers), args, device) for layers in depths}
     memory = {}
     if not args.no_memory:
         memory = {n: peak_memory_mib('model', n, args) for n in names}
-        memory.update({n: peak_memory_mib('attention', n, args) for n in attention_times})
+        memory.update({(f'attention {layers}', n): peak_memory_mib(f'attention {layers}', n, args)
+                       for layers in depths for n in ('routed_attention', 'stacked_attention')})
 
     print(f"\n| variant | step time (s) | vs plain | images/s | peak memory (MiB) | vs plain |")
     print("|---|---|---|---|---|---|")
@@ -241,15 +270,20 @@ def main() -> None:
         mem = f"{memory[n]:.0f} | {memory[n] / memory['plain']:.2f}x" if memory else '- | -'
         print(f"| {n} | {step_times[n]:.3f} | {step_times[n] / step_times['plain']:.2f}x | "
               f"{args.batch / step_times[n]:.1f} | {mem} |")
-    routed, stacked = attention_times['routed_attention'], attention_times['stacked_attention']
-    print(f"\n| attention alone, fwd+bwd | time (ms) | peak memory (MiB) |")
-    print("|---|---|---|")
-    for n, seconds in attention_times.items():
-        print(f"| {n} | {seconds * 1e3:.1f} | {memory.get(n, float('nan')):.0f} |")
-    line = f"routed_attention is {stacked / routed:.2f}x faster than the stacked baseline"
-    if memory:
-        line += f" and uses {memory['stacked_attention'] / memory['routed_attention']:.2f}x less peak memory"
-    print('\n' + line)
+    print("\n| attention alone, fwd+bwd | routed_attention (ms / layer) | stacked (ms / layer) | speed-up | "
+          "routed_attention peak (MiB) | stacked peak (MiB) | less memory |")
+    print("|---|---|---|---|---|---|---|")
+    for layers, times in attention_times.items():
+        routed, stacked = times['routed_attention'] / layers, times['stacked_attention'] / layers
+        kind = f'attention {layers}'
+        mem = (f"{memory[kind, 'routed_attention']:.0f} | {memory[kind, 'stacked_attention']:.0f} | "
+               f"{memory[kind, 'stacked_attention'] / memory[kind, 'routed_attention']:.2f}x") if memory else '- | - | -'
+        label = '1 layer' if layers == 1 else f'{layers} layers, then backward (a training step\'s attention)'
+        print(f"| {label} | {routed * 1e3:.1f} | {stacked * 1e3:.1f} | {stacked / routed:.2f}x | {mem} |")
+    products = attention_times[1]['products_only']
+    print(f"\nThe seven (N, N) x (N, d) products alone take {products * 1e3:.1f} ms per layer: no exact attention "
+          f"that recomputes its scores can be more than {attention_times[1]['stacked_attention'] / products:.2f}x "
+          f"faster than the stacked baseline (1 layer) on this device.")
     eval_times = time_rounds(eval_steps(args, device), args, device)
     print("\n| inference (no grad) | forward time (s) | images/s | vs trar soft |")
     print("|---|---|---|---|")

@@ -148,15 +148,21 @@ def _chunks(shape: torch.Size, device: torch.device) -> list[tuple[slice, slice]
 
 
 class _SharedScoresAttention(torch.autograd.Function):
-    """Routed attention from one score matrix (see `routed_attention`); saves only q, k, v and alphas."""
+    """Routed attention from one score matrix (see `routed_attention`); saves only q, k, v and alphas.
+
+    Chunk by chunk, the (N, N) matrices live in two workspaces allocated once per call: fresh
+    allocations of that size cost page faults on a CPU on every chunk.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, alphas, index, valid, full_rows, global_orders, local_orders):
         out = torch.empty_like(q)
+        chunks = _chunks(q.shape, q.device)
         with torch.autocast(q.device.type, enabled=False):
-            for samples, heads in _chunks(q.shape, q.device):
+            scores, probs = _workspaces(q, chunks, 2)
+            for samples, heads in chunks:
                 parts = _SharedScores(q[samples, heads], k[samples, heads], alphas[samples].to(q.dtype), index, valid,
-                                      full_rows, global_orders, local_orders)
+                                      full_rows, global_orders, local_orders, scores, probs)
                 out[samples, heads] = parts.mixed_map() @ v[samples, heads]
         ctx.save_for_backward(q, k, v, alphas, index, valid, full_rows)
         ctx.orders = global_orders, local_orders
@@ -167,28 +173,43 @@ class _SharedScoresAttention(torch.autograd.Function):
         q, k, v, alphas, index, valid, full_rows = ctx.saved_tensors
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         grad_alphas = torch.zeros_like(alphas, dtype=torch.promote_types(q.dtype, torch.float32))
+        chunks = _chunks(q.shape, q.device)
         with torch.autocast(q.device.type, enabled=False):
-            for samples, heads in _chunks(q.shape, q.device):
+            scores, probs = _workspaces(q, chunks, 2)
+            for samples, heads in chunks:
                 parts = _SharedScores(q[samples, heads], k[samples, heads], alphas[samples].to(q.dtype), index, valid,
-                                      full_rows, *ctx.orders)
-                grads = parts.backward(grad_out[samples, heads].to(q.dtype), v[samples, heads])
+                                      full_rows, *ctx.orders, scores, probs)
+                grads = parts.backward(grad_out[samples, heads].to(q.dtype), v[samples, heads], scores)
                 grad_q[samples, heads], grad_k[samples, heads], grad_v[samples, heads] = grads[:3]
                 grad_alphas[samples] += grads[3]
         return grad_q, grad_k, grad_v, grad_alphas.to(alphas.dtype), None, None, None, None, None
 
 
+def _workspaces(q: torch.Tensor, chunks: list[tuple[slice, slice]], count: int) -> list[torch.Tensor]:
+    """`count` flat buffers, each large enough for the (samples, heads, N, N) scores of any chunk."""
+    batch, heads, n, _ = q.shape
+    samples, chunk_heads = chunks[0]
+    size = len(range(batch)[samples]) * len(range(heads)[chunk_heads]) * n * n
+    return [q.new_empty(size) for _ in range(count)]
+
+
+def _view(workspace: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The start of a flat workspace as the (b, h, N, N) score matrix of `like`, (b, h, N, d)."""
+    b, h, n, _ = like.shape
+    return workspace[:b * h * n * n].view(b, h, n, n)
+
+
 class _SharedScores:
     """The global softmax of the scores, each local order's softmax over its window, and their weights."""
 
-    def __init__(self, q, k, alphas, index, valid, full_rows, global_orders, local_orders):
+    def __init__(self, q, k, alphas, index, valid, full_rows, global_orders, local_orders, scores, probs):
         b, heads, n, d = q.shape
         self.scale, self.k, self.q = d ** -0.5, k, q
         self.alphas, self.global_orders, self.local_orders = alphas, global_orders, local_orders
         self.index = index.expand(b, heads, n, index.shape[1])
-        scores = (q * self.scale) @ k.transpose(-2, -1)
+        scores = torch.matmul(q * self.scale, k.transpose(-2, -1), out=_view(scores, q))
         window_scores = scores.gather(-1, self.index)
-        self.probs = scores.softmax(dim=-1)
-        del scores
+        self.probs = torch.softmax(scores, dim=-1, out=_view(probs, q))
         self.window_probs = [window_scores.masked_fill(~allowed, float('-inf')).softmax(dim=-1) for allowed in valid]
         self.local_rows = (~full_rows).to(q.dtype)
         # Row i of the mixed map: row_scale[i] * probs[i] plus the local orders' window terms.
@@ -208,11 +229,11 @@ class _SharedScores:
         mixed = self.probs.mul_(self.row_scale[:, None, :, None])
         return mixed.scatter_add_(-1, self.index, self.window_mix())
 
-    def backward(self, grad_out: torch.Tensor, v: torch.Tensor):
-        """Gradients of q, k, v and alphas from the gradient of the output."""
-        grad_map = grad_out @ v.transpose(-2, -1)
+    def backward(self, grad_out: torch.Tensor, v: torch.Tensor, workspace: torch.Tensor):
+        """Gradients of q, k, v and alphas from the gradient of the output; `workspace` holds d loss / d map."""
+        grad_map = torch.matmul(grad_out, v.transpose(-2, -1), out=_view(workspace, grad_out))
         grad_alphas = torch.zeros_like(self.alphas)
-        global_dot = (grad_map * self.probs).sum(dim=-1)  # (B, H, N): d loss / d row_scale, per head
+        global_dot = torch.einsum('bhij,bhij->bhi', grad_map, self.probs)  # d loss / d row_scale, per head
         row_dot = global_dot.sum(dim=1)
         for l in self.global_orders:
             grad_alphas[:, l] += row_dot.sum(dim=1)

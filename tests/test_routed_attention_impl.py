@@ -43,6 +43,18 @@ def test_shared_scores_match_formula_forward_and_backward(batch, heads, grid, or
     assert_matches_formula(q, k, v, masks, alphas, layout=span_layout(masks))
 
 
+@pytest.mark.parametrize('chunk_scores, expected_chunks', [
+    (17 * 17 * 2, [(slice(b, b + 1), slice(h, h + 2)) for b in range(3) for h in (0, 2)]),  # 2 + 1 heads
+    (17 * 17 * 3 * 2, [(slice(0, 2), slice(0, 3)), (slice(2, 4), slice(0, 3))]),  # 2 + 1 samples
+])
+def test_chunks_of_heads_and_samples_match_formula(monkeypatch, chunk_scores, expected_chunks):
+    """Chunking (a smaller last chunk reusing the start of the workspaces) changes nothing."""
+    monkeypatch.setitem(trar.CHUNK_ELEMENTS, 'cpu', chunk_scores)
+    q, k, v, masks, alphas = inputs(3, 3, (4, 4), [0, 1, 2], 8)
+    assert trar._chunks(q.shape, q.device) == expected_chunks
+    assert_matches_formula(q, k, v, masks, alphas)
+
+
 def test_zero_weights_in_training_keep_their_gradient():
     """A weight of exactly zero (a saturated Gumbel sample) still gets d loss / d alpha."""
     q, k, v, masks, _ = inputs(2, 2, (4, 4), [0, 1, 2], 8)
