@@ -239,3 +239,20 @@ def test_only_binarized_models_dispatch_per_image_in_inference(monkeypatch):
         with torch.no_grad():
             model(x)
         assert len(calls) == (0 if routing == 'soft' else 2)  # once per layer for one-hot weights
+
+
+@pytest.mark.parametrize('routing', ['soft', 'hard'])
+def test_model_trains_on_another_device_with_nothing_left_on_the_cpu(monkeypatch, routing):
+    """On the meta device (a stand-in for a GPU here) a training step and inference mix no CPU tensor in: every
+    buffer moves with the model and every tensor made on the fly is made on the input's device."""
+    import contextlib
+
+    monkeypatch.setattr(torch, 'autocast', lambda *args, **kwargs: contextlib.nullcontext())  # no meta autocast
+    config = get_config('testing')
+    config.transformer.orders, config.transformer.routing = [0, 1, 2], routing
+    model = VisionTransformer(config, img_size=32, num_classes=3).to('meta')
+    images, labels = torch.randn(2, 3, 32, 32, device='meta'), torch.zeros(2, dtype=torch.long, device='meta')
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    assert all(p.grad is not None and p.grad.device.type == 'meta' for p in model.parameters())
+    with torch.no_grad():
+        assert model.eval()(images).device.type == 'meta'
