@@ -188,8 +188,8 @@ class _SharedScoresAttention(torch.autograd.Function):
 def _workspaces(q: torch.Tensor, chunks: list[tuple[slice, slice]], count: int) -> list[torch.Tensor]:
     """`count` flat buffers, each large enough for the (samples, heads, N, N) scores of any chunk."""
     batch, heads, n, _ = q.shape
-    samples, chunk_heads = chunks[0]
-    size = len(range(batch)[samples]) * len(range(heads)[chunk_heads]) * n * n
+    size = max((len(range(batch)[samples]) * len(range(heads)[chunk_heads]) for samples, chunk_heads in chunks),
+               default=0) * n * n  # no chunk for an empty batch
     return [q.new_empty(size) for _ in range(count)]
 
 

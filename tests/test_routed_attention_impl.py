@@ -54,6 +54,15 @@ def test_chunks_of_heads_and_samples_match_formula(monkeypatch, chunk_scores, ex
     assert trar._chunks(q.shape, q.device) == expected_chunks
     assert_matches_formula(q, k, v, masks, alphas)
 
+def test_empty_batch_gives_empty_output_and_gradients():
+    """A batch of no samples (every image of a batch skipped as unreadable) passes through, as plain attention does."""
+    q, k, v, masks, alphas = inputs(0, 2, (3, 3), [0, 1], 4)
+    out = routed_attention(q, k, v, masks, alphas)
+    assert out.shape == q.shape == F.scaled_dot_product_attention(q, k, v).shape
+    grads = torch.autograd.grad(out.sum(), (q, k, v, alphas))
+    assert [tuple(g.shape) for g in grads] == [tuple(q.shape)] * 3 + [(0, 2)]
+
+
 
 def test_zero_weights_in_training_keep_their_gradient():
     """A weight of exactly zero (a saturated Gumbel sample) still gets d loss / d alpha."""
