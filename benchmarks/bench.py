@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import modeling  # noqa: E402
 from model.config import get_config, parse_orders  # noqa: E402
 from model.modeling import VisionTransformer  # noqa: E402
-from model.trar import _chunks, span_layout, span_masks  # noqa: E402
+from model.trar import _chunks, _dense_routed_attention, span_layout, span_masks  # noqa: E402
 
 
 def stacked_attention(q, k, v, masks, alphas, dropout_p=0.0, **spans):
@@ -135,9 +135,20 @@ def time_rounds(steps: dict, args, device: torch.device) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def plain_attention(q, k, v, masks, alphas):
+    """Global attention with no routing (fused SDPA): what routing adds its cost to."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# The attention implementations compared alone, fwd+bwd: this repository's, the original code's, the fused
+# per-order path that attention dropout uses, and plain attention.
+ATTENTION = {'routed_attention': modeling.routed_attention, 'stacked (original)': stacked_attention,
+             'fused SDPA per order': _dense_routed_attention, 'plain attention': plain_attention}
+
+
 def attention_steps(args, device: torch.device, layers: int) -> dict:
-    """routed_attention and the stacked baseline alone at ViT-B/16's shapes: `layers` forwards, then one backward
-    through all of them, as a training step runs its blocks (each layer keeps what its backward needs)."""
+    """The ATTENTION implementations alone at ViT-B/16's shapes: `layers` forwards, then one backward through
+    all of them, as a training step runs its blocks (each layer keeps what its backward needs)."""
     grid = args.img_size // 16
     n, heads, dim = grid * grid + 1, 12, 64
     orders = parse_orders(args.orders)
@@ -164,8 +175,8 @@ def attention_steps(args, device: torch.device, layers: int) -> dict:
                 grad_map = grad_out @ cv.transpose(-2, -1)
                 scores.transpose(-2, -1) @ grad_out, grad_map @ ck, grad_map.transpose(-2, -1) @ cq
 
-    routed = functools.partial(modeling.routed_attention, layout=span_layout(masks))
-    steps = {'routed_attention': step_of(routed), 'stacked_attention': step_of(stacked_attention)}
+    routed = functools.partial(modeling.routed_attention, layout=span_layout(masks))  # precomputed, as in the model
+    steps = {name: step_of(function) for name, function in (ATTENTION | {'routed_attention': routed}).items()}
     return steps | {'products_only': products_only} if layers == 1 else steps
 
 
@@ -262,7 +273,7 @@ def main() -> None:
     if not args.no_memory:
         memory = {n: peak_memory_mib('model', n, args) for n in names}
         memory.update({(f'attention {layers}', n): peak_memory_mib(f'attention {layers}', n, args)
-                       for layers in depths for n in ('routed_attention', 'stacked_attention')})
+                       for layers in depths for n in ATTENTION})
 
     print(f"\n| variant | step time (s) | vs plain | images/s | peak memory (MiB) | vs plain |")
     print("|---|---|---|---|---|---|")
@@ -270,19 +281,19 @@ def main() -> None:
         mem = f"{memory[n]:.0f} | {memory[n] / memory['plain']:.2f}x" if memory else '- | -'
         print(f"| {n} | {step_times[n]:.3f} | {step_times[n] / step_times['plain']:.2f}x | "
               f"{args.batch / step_times[n]:.1f} | {mem} |")
-    print("\n| attention alone, fwd+bwd | routed_attention (ms / layer) | stacked (ms / layer) | speed-up | "
-          "routed_attention peak (MiB) | stacked peak (MiB) | less memory |")
-    print("|---|---|---|---|---|---|---|")
     for layers, times in attention_times.items():
-        routed, stacked = times['routed_attention'] / layers, times['stacked_attention'] / layers
-        kind = f'attention {layers}'
-        mem = (f"{memory[kind, 'routed_attention']:.0f} | {memory[kind, 'stacked_attention']:.0f} | "
-               f"{memory[kind, 'stacked_attention'] / memory[kind, 'routed_attention']:.2f}x") if memory else '- | - | -'
         label = '1 layer' if layers == 1 else f'{layers} layers, then backward (a training step\'s attention)'
-        print(f"| {label} | {routed * 1e3:.1f} | {stacked * 1e3:.1f} | {stacked / routed:.2f}x | {mem} |")
+        print(f"\n| attention alone, fwd+bwd, {label} | ms / layer | vs routed_attention | peak memory (MiB) | "
+              "vs routed_attention |")
+        print("|---|---|---|---|---|")
+        kind = f'attention {layers}'
+        for n in ATTENTION:
+            mem = (f"{memory[kind, n]:.0f} | {memory[kind, n] / memory[kind, 'routed_attention']:.2f}x"
+                   if memory else '- | -')
+            print(f"| {n} | {times[n] / layers * 1e3:.1f} | {times[n] / times['routed_attention']:.2f}x | {mem} |")
     products = attention_times[1]['products_only']
     print(f"\nThe seven (N, N) x (N, d) products alone take {products * 1e3:.1f} ms per layer: no exact attention "
-          f"that recomputes its scores can be more than {attention_times[1]['stacked_attention'] / products:.2f}x "
+          f"that recomputes its scores can be more than {attention_times[1]['stacked (original)'] / products:.2f}x "
           f"faster than the stacked baseline (1 layer) on this device.")
     eval_times = time_rounds(eval_steps(args, device), args, device)
     print("\n| inference (no grad) | forward time (s) | images/s | vs trar soft |")
