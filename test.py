@@ -22,7 +22,9 @@ from PIL import Image
 
 from model.config import get_config, parse_orders
 from model.modeling import VisionTransformer
-from utils.data_utils import IMAGENET_NAMES, class_names, get_eval_transform
+from utils import checkpoint as checkpoints
+from utils.data_utils import DATASETS, class_names, get_eval_transform, imagenet_1k_names
+from utils.errors import one_line
 from utils.visualize import cls_attention, save_routing_plot
 
 
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     weights.add_argument('--num_classes', type=int, default=None, help='default: from the head')
     weights.add_argument('--orders', default=None, help="span orders, e.g. 0,1,2, or 'none' (default: "
                                                         "'none' for .npz, the config's for a routed state dict)")
-    weights.add_argument('--dataset', default=None, choices=['cifar10', 'cifar100', 'imagenet', 'digits'],
+    weights.add_argument('--dataset', default=None, choices=DATASETS,
                          help='take class names from this dataset (default: ImageNet-1k names for 1000 classes)')
     weights.add_argument('--data_dir', default='./data', help='where --dataset lives')
     args = parser.parse_args(argv)
@@ -68,11 +70,9 @@ def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, list[str]]:
     if path.suffix == '.npz':
         return load_official(path, args)
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # torch raises many types for a file that is not a checkpoint
-        raise InputError(f"{path} is not a PyTorch checkpoint: {first_line(error)}") from None
-    if not isinstance(checkpoint, dict):
-        raise InputError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+        checkpoint = checkpoints.read(path)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     if 'state_dict' in checkpoint:
         return load_trained(path, checkpoint)
     if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -116,7 +116,7 @@ def load_official(path: Path, args: argparse.Namespace) -> tuple[VisionTransform
     except KeyError as error:
         raise InputError(f"{path} is not an official ViT checkpoint: no {error.args[0]!r}") from None
     except Exception as error:  # numpy raises several types for a file that is not an .npz
-        raise InputError(f"{path} is not a readable .npz file: {first_line(error)}") from None
+        raise InputError(f"{path} is not a readable .npz file: {one_line(error)}") from None
     config = config_from_flags(args, default_orders=[])
     img_size = args.img_size or image_size_from_posemb(posemb.shape[1], config, path)
     num_classes = args.num_classes or file_classes
@@ -126,7 +126,7 @@ def load_official(path: Path, args: argparse.Namespace) -> tuple[VisionTransform
     try:
         model.load_from(weights)
     except ValueError as error:
-        raise InputError(f"{path} does not fit --model_type {args.model_type}: {first_line(error)}") from None
+        raise InputError(f"{path} does not fit --model_type {args.model_type}: {one_line(error)}") from None
     return model.eval(), names_for(num_classes, args)
 
 
@@ -158,7 +158,7 @@ def build_model(path: Path, config: ml_collections.ConfigDict, img_size: int, nu
     try:
         return VisionTransformer(config, img_size=img_size, num_classes=num_classes)
     except (ValueError, TypeError, AttributeError, KeyError) as error:
-        raise InputError(f"{path}: cannot build its model: {first_line(error)}") from None
+        raise InputError(f"{path}: cannot build its model: {one_line(error)}") from None
 
 
 def load_weights(model: VisionTransformer, state_dict: dict, path: Path) -> None:
@@ -181,7 +181,10 @@ def names_for(num_classes: int, args: argparse.Namespace) -> list[str]:
     """Class names for checkpoints that carry none: from --dataset, else the defaults."""
     if args.dataset is None:
         return default_class_names(num_classes)
-    names = list(class_names(args.dataset, args.data_dir))
+    try:
+        names = class_names(args.dataset, args.data_dir)
+    except FileNotFoundError as error:  # CIFAR-100 not downloaded and offline
+        raise InputError(str(error)) from None
     if len(names) != num_classes:
         raise InputError(f"--dataset {args.dataset} has {len(names)} classes, the checkpoint {num_classes}")
     return names
@@ -190,7 +193,7 @@ def names_for(num_classes: int, args: argparse.Namespace) -> list[str]:
 def default_class_names(num_classes: int) -> list[str]:
     """ImageNet-1k names for a 1000-class head, else the class indices."""
     if num_classes == 1000:
-        return IMAGENET_NAMES.read_text().splitlines()
+        return imagenet_1k_names()
     return [str(index) for index in range(num_classes)]
 
 
@@ -221,7 +224,7 @@ def read_image(path: Path) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise InputError(f"{path} is not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise InputError(f"{path} is a damaged or truncated image: {first_line(error)}") from None
+        raise InputError(f"{path} is a damaged or truncated image: {one_line(error)}") from None
 
 
 @torch.inference_mode()
@@ -290,12 +293,6 @@ def run(args: argparse.Namespace) -> int:
         if args.routing_plot:
             draw_routing(model, x, result, plot_path(args.routing_plot, path, len(paths) > 1), path.name)
     return status
-
-
-def first_line(error: BaseException, limit: int = 300) -> str:
-    """The first line of an error's message, cut at `limit` characters (some list hundreds of keys)."""
-    text = (str(error).strip() or type(error).__name__).splitlines()[0]
-    return text if len(text) <= limit else text[:limit] + ' ...'
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """Datasets, transforms, the sharded sampler and the schedules."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -8,9 +9,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
-from utils.data_utils import (Augmented, ShardedSampler, UnreadableImage, class_names, collate_skipping_none,
-                              digits_split, get_eval_transform, get_train_transform, imagenet_names, load_split,
-                              to_rgb)
+from utils.data_utils import (Augmented, ShardedSampler, UnreadableImage, check_same_classes, class_names,
+                              collate_skipping_none, digits_split, get_eval_transform, get_train_transform,
+                              imagenet_names, load_split, to_rgb)
 from utils.scheduler import build_scheduler, lr_factor, tau_at
 
 
@@ -136,6 +137,28 @@ def test_imagefolder_reports_or_skips_corrupt_files(tmp_path):
     assert skipped == 1 and images.shape == (2, 3, 8, 8) and labels.tolist() == [0, 1]
 
 
+def test_decompression_bombs_are_reported_or_skipped_like_corrupt_files(tmp_path, monkeypatch):
+    (tmp_path / 'train' / 'cat').mkdir(parents=True)
+    Image.new('RGB', (10, 10)).save(tmp_path / 'train' / 'cat' / 'huge.png')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 10)  # 100 pixels: over twice the limit, a bomb
+    with pytest.raises(UnreadableImage, match=r'huge\.png: .*decompression bomb'):
+        load_split('imagenet', str(tmp_path), train=True).load(0)
+    assert load_split('imagenet', str(tmp_path), train=True, skip_corrupt=True).load(0) == (None, 0)
+
+
+def test_splits_of_other_class_folders_are_refused(tmp_path):
+    for split, names in (('train', ('cat', 'dog')), ('val', ('ant', 'cat', 'dog'))):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new('RGB', (4, 4)).save(tmp_path / split / name / 'a.png')
+    train, val = (load_split('imagenet', str(tmp_path), train=split == 'train') for split in ('train', 'val'))
+    only_in_val = rf"has 3 classes and .* 2: .* but 'ant' is only in {re.escape(str(tmp_path / 'val'))}$"
+    with pytest.raises(ValueError, match=only_in_val):
+        check_same_classes(train, val)
+    check_same_classes(train, train)
+    check_same_classes(load_split('digits', '', train=True), load_split('digits', '', train=False))
+
+
 def test_imagenet_wnid_folders_get_readable_names(tmp_path):
     wnids = [f'n{i:08d}' for i in range(1000)]
     names = imagenet_names(wnids)
@@ -167,6 +190,10 @@ def test_offline_cifar_says_which_folder_and_where_to_get_it(tmp_path, monkeypat
     assert str(tmp_path / 'cifar-10-batches-py') in message and 'https://CIFAR10.tar.gz' in message
     with pytest.raises(FileNotFoundError, match='cifar-100-python'):
         load_split('cifar100', str(tmp_path), train=False)
+    assert class_names('cifar10', str(tmp_path)) == ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
+                                                     'horse', 'ship', 'truck']  # no download needed
+    with pytest.raises(FileNotFoundError, match='cifar-100-python'):
+        class_names('cifar100', str(tmp_path))
 
 
 def test_lr_schedule_warmup_then_decay():

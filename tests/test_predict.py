@@ -157,6 +157,27 @@ def test_official_npz_matches_an_independent_numpy_vit(tmp_path, capsys):
     check_result(json.loads(out[0]), logits.softmax(-1).float(), names)
 
 
+def test_dataset_class_names_offline(tmp_path, capsys, monkeypatch):
+    """CIFAR-10's names need no data; CIFAR-100's do, and without them (offline) the error is one line."""
+    def offline(*args, **kwargs):
+        raise RuntimeError('<urlopen error [Errno -3] Temporary failure in name resolution>')
+    for name in ('CIFAR10', 'CIFAR100'):
+        monkeypatch.setattr(f'torchvision.datasets.{name}', type(name, (), {'__init__': offline, 'url': name}))
+    image = tmp_path / 'digit.png'
+    Image.fromarray(digit_image(3)).save(image)
+    for classes in (10, 100):
+        np.savez(tmp_path / f'{classes}.npz', **make_official_weights(get_config('testing'), 32, classes))
+    status, out, err = run_cli(capsys, '--ckpt', tmp_path / '10.npz', '--model_type', 'testing', '--image', image,
+                               '--dataset', 'cifar10', '--data_dir', tmp_path, '--json', '--topk', '10')
+    assert status == 0 and err == []
+    assert sorted(label for _, label, _ in json.loads(out[0])['topk']) == [
+        'airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+    status, out, err = run_cli(capsys, '--ckpt', tmp_path / '100.npz', '--model_type', 'testing', '--image', image,
+                               '--dataset', 'cifar100', '--data_dir', tmp_path)
+    assert status == 1 and out == [] and len(err) == 1
+    assert err[0].startswith('test.py: error: cifar100 is not in ') and 'cifar-100-python' in err[0]
+
+
 def test_routing_plot_written_for_an_image_and_for_each_image_of_a_folder(trained, tmp_path, capsys):
     for index in (4, 6):
         Image.fromarray(digit_image(index)).save(tmp_path / f'digit_{index}.png')
@@ -185,6 +206,7 @@ def bad_inputs(folder: Path, trained: Path) -> dict[str, list]:
     truncated_jpeg.write_bytes((folder / 'full.jpg').read_bytes()[:-400])
     (folder / 'text.png').write_text('hello, I am not a picture\n')
     (folder / 'garbage.ckpt').write_bytes(np.random.default_rng(0).bytes(4096))
+    (folder / 'empty.ckpt').write_bytes(b'')
     torch.save(torch.zeros(3), folder / 'tensor.ckpt')
     checkpoint = torch.load(trained, map_location='cpu', weights_only=True)
     wider = get_config('testing')
@@ -201,6 +223,7 @@ def bad_inputs(folder: Path, trained: Path) -> dict[str, list]:
         'truncated jpeg': image + [truncated_jpeg],
         'missing checkpoint': ['--ckpt', folder / 'nope.ckpt', '--image', png],
         'garbage checkpoint': ['--ckpt', folder / 'garbage.ckpt', '--image', png],
+        'empty checkpoint': ['--ckpt', folder / 'empty.ckpt', '--image', png],
         'tensor checkpoint': ['--ckpt', folder / 'tensor.ckpt', '--image', png],
         'checkpoint of other shapes': ['--ckpt', folder / 'other_shapes.ckpt', '--image', png],
         'text npz': ['--ckpt', folder / 'text.npz', '--model_type', 'testing', '--image', png],

@@ -9,27 +9,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.errors import one_line
+
 
 def save_atomic(state: dict, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a kill mid-write leaves the old file whole."""
+    """Write to a temporary file beside `path`, flush it to disk, then rename: a kill or a power cut
+    mid-write leaves the old file whole. The folder is flushed too, so that the rename itself lasts."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp')
     torch.save(state, tmp)
     with open(tmp, 'rb') as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    if hasattr(os, 'O_DIRECTORY'):  # POSIX; Windows cannot open a folder to flush it
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
-def load(path: str | Path) -> dict:
-    """Load a checkpoint written by train.py, with a one-line error for anything else."""
+def read(path: str | Path) -> dict:
+    """The dict a checkpoint file holds (loaded weights-only, on the CPU), with a one-line error for anything else."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path} is not a readable checkpoint: {str(error).splitlines()[0]}") from None
-    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
+    except Exception as error:  # torch raises many types for a file that is not a checkpoint
+        raise ValueError(f"{path} is not a readable checkpoint: {one_line(error)}") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def load(path: str | Path) -> dict:
+    """A checkpoint written by train.py, with a one-line error for anything else."""
+    checkpoint = read(path)
+    if 'state_dict' not in checkpoint:
         raise ValueError(f"{path} is not a checkpoint of this repository (no 'state_dict')")
     return checkpoint
 

@@ -17,12 +17,16 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import datasets, transforms
 
+from utils.errors import one_line
+
 DATASETS = ('cifar10', 'cifar100', 'imagenet', 'digits')
 AUGMENTS = ('flip', 'crop', 'none')
 CROP_SCALE = {'flip': (0.05, 1.0), 'crop': (0.5, 1.0)}
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 IMAGENET_NAMES = Path(__file__).parent / 'imagenet_classes.txt'
+# torchvision reads them from the downloaded data; these need none.
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +102,16 @@ class DigitsDataset(Dataset):
 
 
 class ImageFiles(Dataset):
-    """An ImageFolder tree read with clear errors: a corrupt file names itself, or is skipped."""
+    """An ImageFolder tree read with clear errors: a corrupt file names itself, or is skipped.
+
+    `classes` are readable names (ImageNet-1k's for its WNID folders), `folders` the folder names.
+    """
 
     def __init__(self, root: Path, skip_corrupt: bool):
         folder = datasets.ImageFolder(str(root))
-        self.samples, self.classes, self.skip_corrupt = folder.samples, folder.classes, skip_corrupt
+        self.root, self.samples, self.skip_corrupt = root, folder.samples, skip_corrupt
+        self.folders = folder.classes  # the class folder names, sorted: label i is folders[i]
+        self.classes = imagenet_names(folder.classes)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -113,7 +122,7 @@ class ImageFiles(Dataset):
             with Image.open(path) as image:
                 image.load()
                 return image.copy(), target
-        except (OSError, SyntaxError, ValueError) as error:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             if not self.skip_corrupt:
                 raise UnreadableImage(f"cannot read image {path}: {error} "
                                       "(use --skip_corrupt to skip such files)") from None
@@ -170,12 +179,29 @@ def collate_skipping_none(batch: list, image_shape: tuple[int, ...] = (0,)) -> t
     return images, labels, len(batch) - len(kept)
 
 
+def imagenet_1k_names() -> list[str]:
+    """ImageNet-1k's 1000 readable class names (tench, goldfish, ...) in the standard class index order."""
+    return IMAGENET_NAMES.read_text().splitlines()
+
+
 def imagenet_names(classes: list[str]) -> list[str]:
     """Readable names for ImageNet-1k's 1000 WNID folders (n01440764, ...), whose sorted order is the
     standard class index order; any other folder names are kept as they are."""
     if len(classes) == 1000 and all(re.fullmatch(r'n\d{8}', name) for name in classes):
-        return IMAGENET_NAMES.read_text().splitlines()
+        return imagenet_1k_names()
     return list(classes)
+
+
+def check_same_classes(train: Dataset, val: Dataset) -> None:
+    """Raise a one-line error unless two ImageFolder splits have the same class folders, so that a label
+    means the same class in both (the other datasets fix their classes)."""
+    if not isinstance(train, ImageFiles) or train.folders == val.folders:
+        return
+    only_train = sorted(set(train.folders) - set(val.folders))
+    only_val = sorted(set(val.folders) - set(train.folders))
+    first = f"{only_train[0]!r} is only in {train.root}" if only_train else f"{only_val[0]!r} is only in {val.root}"
+    raise ValueError(f"{val.root} has {len(val.folders)} classes and {train.root} {len(train.folders)}: "
+                     f"expected the same class folders, but {first}")
 
 
 def _cifar(name: str, data_dir: Path, train: bool):
@@ -185,7 +211,7 @@ def _cifar(name: str, data_dir: Path, train: bool):
     except Exception as error:  # torchvision raises URLError, RuntimeError or OSError offline
         folder = 'cifar-10-batches-py' if name == 'cifar10' else 'cifar-100-python'
         raise FileNotFoundError(
-            f"{name} is not in {data_dir / folder} and could not be downloaded ({error}); download "
+            f"{name} is not in {data_dir / folder} and could not be downloaded ({one_line(error)}); download "
             f"{cls.url} and extract it into {data_dir}") from None
 
 
@@ -201,22 +227,22 @@ def load_split(dataset: str, data_dir: str, train: bool, skip_corrupt: bool = Fa
         if not folder.is_dir():
             raise FileNotFoundError(f"ImageNet folder {folder} is missing; expected ImageFolder trees "
                                     f"{root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG (from image-net.org)")
-        images = ImageFiles(folder, skip_corrupt)
-        images.classes = imagenet_names(images.classes)
-        return images
+        return ImageFiles(folder, skip_corrupt)
     return TorchvisionImages(_cifar(dataset, root, train))
 
 
 def class_names(dataset: str, data_dir: str = './data') -> list[str]:
-    """Class names in label order."""
+    """Class names in label order; CIFAR-100's need the data (downloaded if missing)."""
     if dataset == 'digits':
         return list(DigitsDataset.classes)
+    if dataset == 'cifar10':
+        return list(CIFAR10_CLASSES)
     if dataset == 'imagenet':
         folder = Path(data_dir) / 'val'
         if folder.is_dir():
             return imagenet_names(datasets.ImageFolder(str(folder)).classes)
-        return IMAGENET_NAMES.read_text().splitlines()
-    return load_split(dataset, data_dir, train=False).classes
+        return imagenet_1k_names()
+    return list(load_split(dataset, data_dir, train=False).classes)
 
 
 class ShardedSampler(Sampler):
