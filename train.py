@@ -30,10 +30,11 @@ from model.config import CONFIGS, get_config, parse_orders
 from model.modeling import VisionTransformer
 from utils import checkpoint as checkpoints
 from utils import dist_util
-from utils.data_utils import (AUGMENTS, DATASETS, Augmented, ShardedSampler, UnreadableImage, collate_skipping_none,
-                              get_eval_transform, get_train_transform, load_split)
+from utils.data_utils import (AUGMENTS, DATASETS, Augmented, ShardedSampler, UnreadableImage, check_same_classes,
+                              collate_skipping_none, get_eval_transform, get_train_transform, load_split)
 from utils.engine import (OPT_LEVELS, Precision, RunState, Throughput, evaluate, log_routing, peak_memory_mib,
                           train_one_epoch)
+from utils.errors import one_line
 from utils.scheduler import DECAY_TYPES, TAU_POLICIES, build_scheduler, tau_at
 
 OFFICIAL_URL = 'https://storage.googleapis.com/vit_models/imagenet21k/{}.npz'
@@ -78,7 +79,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--augment', choices=AUGMENTS, default='flip')
     p.add_argument('--tau_policy', choices=TAU_POLICIES, default='slow', help='temperature schedule of hard routing')
     p.add_argument('--skip_corrupt', action='store_true', help='skip unreadable images with a warning and a count')
-    p.add_argument('--local_rank', type=int, default=-1, help=argparse.SUPPRESS)  # torchrun sets LOCAL_RANK
+    p.add_argument('--local_rank', '--local-rank', type=int, default=-1,
+                   help='ignored (torchrun sets LOCAL_RANK); accepted for torch.distributed.launch')
     args = p.parse_args(argv)
     if args.loss_scale < 0 or (args.loss_scale > 0 and not math.log2(args.loss_scale).is_integer()):
         p.error(f"--loss_scale {args.loss_scale:g}: expected 0 (dynamic) or a power of two")
@@ -89,6 +91,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ('warmup_steps', 'num_workers', 'max_grad_norm', 'weight_decay', 'learning_rate'):
         if getattr(args, flag) < 0:
             p.error(f"--{flag} {getattr(args, flag)}: expected a non-negative number")
+    if args.warmup_steps >= args.num_steps:
+        p.error(f"--warmup_steps {args.warmup_steps}: expected fewer than --num_steps {args.num_steps}")
     return args
 
 
@@ -118,7 +122,7 @@ def parse_field(key: str, text: str, current):
 
 
 def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-    """The named config with --orders and every --set KEY=VALUE applied."""
+    """The named config with --orders and every --set KEY=VALUE applied, checked."""
     config = get_config(args.model_type)
     if args.orders is not None:
         config.transformer.orders = parse_orders(args.orders)
@@ -132,7 +136,14 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
             node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
         if not isinstance(node, ml_collections.ConfigDict) or field not in node:
             raise ValueError(f"--set {key}: no such config field in {args.model_type}")
+        if isinstance(node[field], ml_collections.ConfigDict):
+            raise ValueError(f"--set {key}={text}: {key} is a group of fields; expected one of "
+                             + ', '.join(f'{key}.{name}' for name in node[field]))
         node[field] = parse_field(key, text, node[field])
+    tau_min, tau_max = config.transformer.tau_min, config.transformer.tau_max
+    if config.transformer.routing == 'hard' and not 0 < tau_min <= tau_max:
+        raise ValueError(f"transformer.tau_min {tau_min:g}, transformer.tau_max {tau_max:g}: "
+                         "expected 0 < tau_min <= tau_max for hard routing")
     return config
 
 
@@ -177,10 +188,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data and model.
     config = build_config(args)
-    train_set = Augmented(load_split(args.dataset, args.data_dir, True, args.skip_corrupt),
-                          get_train_transform(args.img_size, args.augment), args.seed)
-    val_set = Augmented(load_split(args.dataset, args.data_dir, False, args.skip_corrupt),
-                        get_eval_transform(args.img_size), args.seed)
+    train_images = load_split(args.dataset, args.data_dir, True, args.skip_corrupt)
+    val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt)
+    check_same_classes(train_images, val_images)
+    train_set = Augmented(train_images, get_train_transform(args.img_size, args.augment), args.seed)
+    val_set = Augmented(val_images, get_eval_transform(args.img_size), args.seed)
     num_classes = len(train_set.classes)
     model = VisionTransformer(config, img_size=args.img_size, num_classes=num_classes, zero_head=True)
     identity = {'model_type': args.model_type, 'img_size': args.img_size, 'num_classes': num_classes,
@@ -213,11 +225,11 @@ def main(argv: list[str] | None = None) -> dict:
     # is split into disjoint shards, so every image is counted exactly once.
     sampler = ShardedSampler(len(train_set), args.train_batch_size, rank, world, args.seed)
     collate = partial(collate_skipping_none, image_shape=(3, args.img_size, args.img_size))
-    loader_options = dict(num_workers=args.num_workers, collate_fn=collate,
-                          pin_memory=device.type == 'cuda', generator=torch.Generator())
-    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True, **loader_options)
+    loader_options = dict(num_workers=args.num_workers, collate_fn=collate, pin_memory=device.type == 'cuda')
+    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True,
+                              generator=torch.Generator(), **loader_options)
     val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, sampler=range(rank, len(val_set), world),
-                            **loader_options)
+                            generator=torch.Generator(), **loader_options)
 
     state = RunState()
     if resume is not None:
@@ -241,7 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
     meter = Throughput()
 
     def save(improved: bool) -> None:
-        """last.ckpt (and best.ckpt when accuracy improved), with everything an exact resume needs."""
+        """last.ckpt (and best.ckpt when accuracy improved), with everything an exact resume needs.
+
+        best.ckpt is written first, so that a kill between the two writes cannot leave a last.ckpt
+        whose best_acc no best.ckpt on disk has.
+        """
         state.seconds = seconds_before + time.time() - start_time
         checkpoint = {
             'state_dict': model.state_dict(), **asdict(state), **identity, 'dataset': args.dataset,
@@ -251,17 +267,17 @@ def main(argv: list[str] | None = None) -> dict:
             'rng': dist_util.all_gather_objects(checkpoints.rng_state()),
         }
         if main_process:
-            checkpoints.save_atomic(checkpoint, out_dir / 'last.ckpt')
             if improved:
                 checkpoints.save_atomic(checkpoint, out_dir / 'best.ckpt')
+            checkpoints.save_atomic(checkpoint, out_dir / 'last.ckpt')
         dist_util.barrier()
 
-    def after_step(loss: float, progress: tqdm) -> None:
-        """Log; every eval_every steps and at the end, evaluate and checkpoint."""
+    def after_step(loss: float, lr: float, progress: tqdm) -> None:
+        """Log the step's loss and learning rate; every eval_every steps and at the end, evaluate and checkpoint."""
         progress.update(1)
         meter.count(args.train_batch_size)
         if main_process and (state.step % 10 == 0 or state.step == args.num_steps):
-            lr, throughput = scheduler.get_last_lr()[0], meter.rate()
+            throughput = meter.rate()
             progress.set_postfix(loss=f'{loss:.4f}', lr=f'{lr:.2e}', img_s=f'{throughput:.1f}')
             scalars = {'train/loss': loss, 'train/lr': lr, 'train/images_per_second': throughput,
                        'train/peak_memory_mib': peak_memory_mib(device)}
@@ -292,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
                 train_set.set_epoch(state.epoch)
                 finished = train_one_epoch(
                     ddp_model, train_loader, optimizer, scheduler, precision, state, args.num_steps, accumulation,
-                    args.max_grad_norm, on_step=lambda loss: after_step(loss, progress),
+                    args.max_grad_norm, on_step=lambda loss, lr: after_step(loss, lr, progress),
                     set_tau=(lambda step: model.set_tau(tau(step))) if routed_hard else None)
                 if not finished:
                     state.epoch, state.epoch_step = state.epoch + 1, 0
@@ -300,8 +316,6 @@ def main(argv: list[str] | None = None) -> dict:
         kept = f"; {out_dir / 'last.ckpt'} keeps the last good weights" if (out_dir / 'last.ckpt').exists() else ''
         raise FloatingPointError(f"{error}{kept}") from None
 
-    if state.final_acc is None:  # resumed from the final checkpoint: nothing left to train
-        state.final_acc, _, state.val_images = evaluate(model, val_loader, precision)
     results = {
         'name': args.name, 'model_type': args.model_type, 'orders': list(config.transformer.orders),
         'img_size': args.img_size, 'dataset': args.dataset, 'best_acc': state.best_acc, 'final_acc': state.final_acc,
@@ -324,5 +338,4 @@ if __name__ == '__main__':
     try:
         main()
     except (ValueError, FileNotFoundError, FloatingPointError, UnreadableImage) as error:
-        message = str(error).strip().splitlines()[-1]  # errors from data-loading workers end with the cause
-        sys.exit(f"error: {message.partition('UnreadableImage: ')[2] or message}")
+        sys.exit(f"error: {one_line(error, limit=None)}")

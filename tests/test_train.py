@@ -1,6 +1,7 @@
 """train.py end to end on the digits set: outputs, checkpoints, mixed precision, launchers and bad input."""
 import json
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -17,11 +18,20 @@ from model.modeling import VisionTransformer
 from official_npz import make_official_weights
 from train_helpers import ROOT, run_train, tiny_args
 from utils import checkpoint as checkpoints
-from utils.data_utils import digits_split, get_eval_transform
-from utils.engine import Precision, RunState, train_one_epoch
+from utils.data_utils import UnreadableImage, digits_split, get_eval_transform
+from utils.engine import Precision, RunState, evaluate, train_one_epoch
+from utils.errors import one_line
+from utils.scheduler import lr_factor
 
 
-def test_a_run_writes_checkpoints_results_and_tensorboard(tmp_path, capsys):
+def test_a_run_writes_checkpoints_results_and_tensorboard(tmp_path, capsys, monkeypatch):
+    written, save_atomic = [], checkpoints.save_atomic
+
+    def recording_save(state: dict, path: Path) -> None:
+        written.append(path.name)
+        save_atomic(state, path)
+
+    monkeypatch.setattr(checkpoints, 'save_atomic', recording_save)
     results = train.main(tiny_args(tmp_path, 'run', '--augment', 'none'))
     run_dir = tmp_path / 'run'
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -38,6 +48,9 @@ def test_a_run_writes_checkpoints_results_and_tensorboard(tmp_path, capsys):
     assert checkpoint['class_names'] == [str(i) for i in range(10)]
     assert (run_dir / 'best.ckpt').is_file()
     assert not list(run_dir.glob('.*.tmp'))
+    # best.ckpt before last.ckpt: a kill in between cannot leave a best_acc that no best.ckpt has.
+    assert written[0] == 'best.ckpt' and written[-1] == 'last.ckpt'
+    assert all(after == 'last.ckpt' for name, after in zip(written, written[1:]) if name == 'best.ckpt')
 
     # The saved weights are the model that scored final_acc: evaluate them independently.
     model = VisionTransformer(ml_collections.ConfigDict(checkpoint['config']), img_size=32, num_classes=10).eval()
@@ -54,6 +67,9 @@ def test_a_run_writes_checkpoints_results_and_tensorboard(tmp_path, capsys):
     tags = set(events.Tags()['scalars'])
     assert {'train/loss', 'train/lr', 'val/accuracy', 'train/images_per_second', 'train/peak_memory_mib'} <= tags
     assert {'routing/layer00_order0', 'routing/layer01_order1'} <= tags
+    # The logged learning rate is the one the step used (the last step's is not yet 0 of the cosine's end).
+    last_lr = events.Scalars('train/lr')[-1]
+    assert last_lr.step == 6 and last_lr.value == pytest.approx(0.1 * lr_factor(5, 2, 6, 'cosine'))
 
 
 def test_hard_routing_anneals_tau(tmp_path):
@@ -109,10 +125,41 @@ def test_orders_and_set_override_the_config(tmp_path):
     (['--orders', '0,one'], "orders '0,one': expected comma-separated integers"),
     (['--gradient_accumulation_steps', '3'], 'not divisible by 1 processes x 3'),
     (['--orders', '0,8'], 'order 8'),
+    (['--set', 'patches=16'], r'--set patches=16: patches is a group of fields; expected one of patches\.size$'),
+    (['--set', 'transformer.routing=hard', '--set', 'transformer.tau_min=0'],
+     r'tau_min 0, transformer\.tau_max 10: expected 0 < tau_min <= tau_max for hard routing'),
+    (['--set', 'transformer.routing=hard', '--set', 'transformer.tau_max=0.05'],
+     r'tau_min 0\.1, transformer\.tau_max 0\.05: expected'),
 ])
 def test_bad_settings_fail_with_one_clear_line(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         train.main(tiny_args(tmp_path, 'bad', *extra))
+
+
+def test_warmup_must_be_shorter_than_the_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(tiny_args(tmp_path, 'x', '--warmup_steps', '6', steps=6))
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        'error: --warmup_steps 6: expected fewer than --num_steps 6')
+    assert train.get_args(tiny_args(tmp_path, 'x', '--warmup_steps', '5', steps=6)).warmup_steps == 5
+
+
+def test_local_rank_of_old_launchers_is_accepted_in_both_spellings():
+    """torch.distributed.launch passes --local-rank (--local_rank before torch 2.0); torchrun sets LOCAL_RANK."""
+    assert train.get_args(['--name', 'x', '--local-rank', '3']).local_rank == 3
+    assert train.get_args(['--name', 'x', '--local_rank=2']).local_rank == 2
+
+
+def test_validation_classes_must_be_the_training_classes(tmp_path):
+    for split, names in (('train', ('cat', 'dog', 'fox')), ('val', ('cat', 'dog'))):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new('RGB', (8, 8)).save(tmp_path / split / name / '0.png')
+    expected = (f"{tmp_path / 'val'} has 2 classes and {tmp_path / 'train'} 3: expected the same class folders, "
+                f"but 'fox' is only in {tmp_path / 'train'}")
+    with pytest.raises(ValueError) as error:
+        train.main(tiny_args(tmp_path, 'x', '--dataset', 'imagenet', '--data_dir', str(tmp_path), batch=3))
+    assert str(error.value) == expected
 
 
 def test_opt_levels_map_to_native_amp():
@@ -192,6 +239,34 @@ def test_resuming_with_another_model_is_refused(tmp_path):
         train.main(tiny_args(tmp_path, 'c', '--resume_path', str(tmp_path / 'junk.ckpt')))
 
 
+def test_unreadable_checkpoints_give_one_line(tmp_path):
+    (tmp_path / 'empty.ckpt').write_bytes(b'')  # torch.load raises EOFError('')
+    with pytest.raises(ValueError, match=r'empty\.ckpt is not a readable checkpoint: EOFError$'):
+        checkpoints.load(tmp_path / 'empty.ckpt')
+    torch.save([1, 2], tmp_path / 'list.ckpt')
+    with pytest.raises(ValueError, match=r'list\.ckpt holds a list, not a checkpoint dict$'):
+        checkpoints.load(tmp_path / 'list.ckpt')
+    torch.save({'w': torch.ones(1)}, tmp_path / 'bare.ckpt')
+    with pytest.raises(ValueError, match=r"bare\.ckpt is not a checkpoint of this repository \(no 'state_dict'\)$"):
+        checkpoints.load(tmp_path / 'bare.ckpt')
+    with pytest.raises(FileNotFoundError, match='nowhere.ckpt does not exist'):
+        checkpoints.load(tmp_path / 'nowhere.ckpt')
+
+
+def test_one_line_gives_the_cause_of_an_error_from_a_data_loading_worker():
+    from torch._utils import ExceptionWrapper  # how DataLoader re-raises a worker's error
+    try:
+        raise UnreadableImage('cannot read image /data/b.jpg: image file is truncated')
+    except UnreadableImage:
+        wrapped = ExceptionWrapper(where='in DataLoader worker process 0')
+    with pytest.raises(UnreadableImage) as error:
+        wrapped.reraise()
+    assert 'Traceback' in str(error.value)
+    assert one_line(error.value) == 'cannot read image /data/b.jpg: image file is truncated'
+    assert one_line(EOFError('')) == 'EOFError' and one_line(ValueError('first\nsecond')) == 'first'
+    assert one_line(ValueError('x' * 400)) == 'x' * 300 + ' ...' and one_line(ValueError('x' * 400), None) == 'x' * 400
+
+
 def test_resuming_a_finished_run_with_more_steps_warns_and_continues(tmp_path, capsys):
     train.main(tiny_args(tmp_path, 'short', steps=3))
     results = train.main(tiny_args(tmp_path, 'short', '--learning_rate', '0.2', '--resume_path',
@@ -213,6 +288,24 @@ def test_atomic_save_keeps_the_old_checkpoint_when_a_write_dies(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save_atomic({'state_dict': {'w': torch.zeros(3)}, 'step': 2}, path)
     assert checkpoints.load(path)['step'] == 1
+
+
+def test_atomic_save_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append('folder' if stat.S_ISDIR(os.fstat(fd).st_mode) else 'file')
+        fsync(fd)
+
+    def recording_replace(source, target) -> None:
+        events.append('rename')
+        replace(source, target)
+
+    monkeypatch.setattr(os, 'fsync', recording_fsync)
+    monkeypatch.setattr(os, 'replace', recording_replace)
+    checkpoints.save_atomic({'state_dict': {}, 'step': 1}, tmp_path / 'last.ckpt')
+    assert events == ['file', 'rename', 'folder']
+    assert checkpoints.load(tmp_path / 'last.ckpt')['step'] == 1
 
 
 def test_corrupt_images_stop_the_run_or_are_skipped(tmp_path):
@@ -248,7 +341,7 @@ def test_a_micro_batch_of_only_skipped_files_adds_nothing():
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         state = RunState()
         train_one_epoch(model, batches, optimizer, scheduler, Precision('cpu'), state, num_steps=1,
-                        accumulation=accumulation, max_grad_norm=0, on_step=lambda loss: None)
+                        accumulation=accumulation, max_grad_norm=0, on_step=lambda loss, lr: None)
         return model.state_dict(), state
 
     with_empty, state = one_step([(images, labels, 0), empty], lr=0.1, accumulation=2)
@@ -256,6 +349,25 @@ def test_a_micro_batch_of_only_skipped_files_adds_nothing():
     assert state.step == 1 and state.skipped_images == 4
     for key, value in alone.items():
         torch.testing.assert_close(with_empty[key], value, rtol=1e-5, atol=1e-7)
+
+
+class NoEmptyBatches(torch.nn.Linear):
+    """A linear classifier of flattened images that fails when run on a batch of no images."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        assert len(images), 'the model was run on an empty batch'
+        return super().forward(images.flatten(1))
+
+
+def test_evaluation_passes_over_a_batch_of_only_skipped_files():
+    torch.manual_seed(0)
+    model = NoEmptyBatches(3 * 2 * 2, 3)
+    batch = (torch.randn(5, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1]), 1)
+    empty = (torch.zeros(0, 3, 2, 2), torch.zeros(0, dtype=torch.long), 4)
+    accuracy, loss, count = evaluate(model, [empty, batch, empty], Precision('cpu'))
+    assert (accuracy, loss, count) == evaluate(model, [batch], Precision('cpu')) and count == 5
+    with pytest.raises(ValueError, match='no readable images'):
+        evaluate(model, [empty], Precision('cpu'))
 
 
 def test_train_sh_runs_on_a_machine_without_gpus(tmp_path):
@@ -297,7 +409,7 @@ def test_gradients_are_clipped_to_max_grad_norm_before_the_optimizer_steps():
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         train_one_epoch(model, [(images, labels, 0)], optimizer, scheduler, Precision('cpu'), RunState(), num_steps=1,
-                        accumulation=1, max_grad_norm=max_grad_norm, on_step=lambda loss: None)
+                        accumulation=1, max_grad_norm=max_grad_norm, on_step=lambda loss, lr: None)
         return before - torch.cat([p.detach().flatten() for p in model.parameters()])
 
     raw = update(0)

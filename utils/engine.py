@@ -93,22 +93,23 @@ class RunState:
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
                     precision: Precision, state: RunState, num_steps: int, accumulation: int, max_grad_norm: float,
-                    on_step: Callable[[float], None], set_tau: Callable[[int], None] | None = None) -> bool:
+                    on_step: Callable[[float, float], None], set_tau: Callable[[int], None] | None = None) -> bool:
     """Optimizer steps over the rest of this epoch's micro-batches; True once `num_steps` are done.
 
     Each step sums the gradients of `accumulation` micro-batches, each loss divided by `accumulation`
     (DDP averages over processes and synchronises on the last micro-batch only), so the step's gradient
     is the mean over the global batch however it is split. Then: unscale, clip, optimizer, scheduler.
-    `on_step(loss)` gets the global batch's mean loss after every step.
+    `on_step(loss, lr)` gets the global batch's mean loss and the learning rate of the step after every step;
+    `state.skipped_images` counts the files skipped by all processes.
     """
     distributed = isinstance(model, DistributedDataParallel)
     device = next(model.parameters()).device
-    step_loss = torch.zeros((), device=device, dtype=torch.float64)
+    step_totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, skipped files: over processes
     model.train()
     if set_tau is not None:
         set_tau(state.step)
     for micro_step, (images, labels, skipped) in enumerate(loader, start=1):
-        state.skipped_images += skipped
+        step_totals[1] += skipped
         images = images.to(device=device, dtype=precision.model_dtype, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         weight = 1.0
@@ -120,18 +121,21 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), labels) * weight
             precision.backward(loss / accumulation)
-        step_loss += loss.detach()
+        step_totals[0] += loss.detach()
         if not last_micro:
             continue
-        mean_loss = dist_util.all_reduce_mean(step_loss / accumulation).item()
-        step_loss.zero_()
+        loss_sum, skipped_sum = dist_util.all_reduce_sum(step_totals).tolist()
+        step_totals.zero_()
+        mean_loss = loss_sum / (accumulation * dist_util.get_world_size())
+        state.skipped_images += int(skipped_sum)
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"non-finite loss {mean_loss} at step {state.step + 1}")
+        lr = optimizer.param_groups[0]['lr']  # this step's: the scheduler moves on to the next one's
         precision.step(optimizer, model.parameters(), max_grad_norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step, state.epoch_step = state.step + 1, state.epoch_step + 1
-        on_step(mean_loss)
+        on_step(mean_loss, lr)
         if state.step >= num_steps:
             return True
         if set_tau is not None:
@@ -146,6 +150,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, precision: Precision) -
     device = next(model.parameters()).device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, count, loss sum
     for images, labels, _ in loader:
+        if len(labels) == 0:  # every file of this batch was skipped
+            continue
         images = images.to(device=device, dtype=precision.model_dtype, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with precision.autocast():
