@@ -224,6 +224,27 @@ def test_torch_compile_traces_one_graph_without_breaks(routing, training):
     assert explanation.graph_count == 1
 
 
+def test_torch_compiled_model_trains_and_predicts_as_eager():
+    """Inductor's compiled model (a training step, then inference) gives eager's loss, gradients and logits."""
+    torch.manual_seed(0)
+    config = get_config('testing')
+    config.transformer.dropout_rate = 0.0
+    model = VisionTransformer(config, img_size=32, num_classes=3)
+    compiled = torch.compile(model)
+    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+
+    def loss_and_grads(module):
+        loss = torch.nn.functional.cross_entropy(module(images), labels)
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    (loss, grads), (eager_loss, eager_grads) = loss_and_grads(compiled), loss_and_grads(model)
+    torch.testing.assert_close(loss, eager_loss)
+    torch.testing.assert_close(grads, eager_grads, rtol=1e-4, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-5)
+
+
 def test_only_binarized_models_dispatch_per_image_in_inference(monkeypatch):
     """One-hot routing skips unused orders; soft routing never pays for looking at the weights."""
     import model.trar as trar
