@@ -42,7 +42,7 @@ class Embeddings(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention; routed over span orders when the block has a router."""
 
-    def __init__(self, config: ml_collections.ConfigDict, num_orders: int):
+    def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int]):
         super().__init__()
         hidden, self.num_heads = config.hidden_size, config.transformer.num_heads
         if hidden % self.num_heads:
@@ -54,8 +54,8 @@ class Attention(nn.Module):
         self.dropout_p = config.transformer.attention_dropout_rate
         self.proj_dropout = nn.Dropout(self.dropout_p)
         t = config.transformer
-        self.router = Router(hidden, num_orders, t.pooling, t.routing, t.binarize) if num_orders else None
-        self.orders, self.grid = list(t.orders), None  # the grid is set by the Encoder
+        self.orders, self.grid = list(t.orders), grid  # what the span masks are built from
+        self.router = Router(hidden, len(self.orders), t.pooling, t.routing, t.binarize) if self.orders else None
         self.last_alphas: torch.Tensor | None = None
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,10 +106,10 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block."""
 
-    def __init__(self, config: ml_collections.ConfigDict, num_orders: int):
+    def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int]):
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
-        self.attn = Attention(config, num_orders)
+        self.attn = Attention(config, grid)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
         self.ffn = Mlp(config)
 
@@ -126,7 +126,7 @@ class Encoder(nn.Module):
     def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int]):
         super().__init__()
         orders = list(config.transformer.orders)
-        self.layer = nn.ModuleList(Block(config, len(orders)) for _ in range(config.transformer.num_layers))
+        self.layer = nn.ModuleList(Block(config, grid) for _ in range(config.transformer.num_layers))
         self.encoder_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
         masks = span_masks(grid, orders) if orders else None
         self.register_buffer('span_masks', masks, persistent=False)
@@ -134,8 +134,6 @@ class Encoder(nn.Module):
         for name in ('index', 'valid', 'full_rows'):
             self.register_buffer(f'span_{name}', getattr(layout, name, None), persistent=False)
         self.span_orders = (layout.global_orders, layout.local_orders) if orders else None
-        for block in self.layer:
-            block.attn.grid = grid
 
     def forward(self, x: torch.Tensor, return_maps: bool = False):
         maps = []
