@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import modeling  # noqa: E402
 from model.config import get_config, parse_orders  # noqa: E402
 from model.modeling import VisionTransformer  # noqa: E402
-from model.trar import _chunks, _dense_routed_attention, span_layout, span_masks  # noqa: E402
+from model.attention.dense import dense_routed_attention  # noqa: E402
+from model.attention.shared_scores import chunks  # noqa: E402
+from model.trar import span_layout, span_masks  # noqa: E402
 
 
 def stacked_attention(q, k, v, masks, alphas, dropout_p=0.0, **spans):
@@ -143,7 +145,7 @@ def plain_attention(q, k, v, masks, alphas):
 # The attention implementations compared alone, fwd+bwd: this repository's, the original code's, the fused
 # per-order path that attention dropout uses, and plain attention.
 ATTENTION = {'routed_attention': modeling.routed_attention, 'stacked (original)': stacked_attention,
-             'fused SDPA per order': _dense_routed_attention, 'plain attention': plain_attention}
+             'fused SDPA per order': dense_routed_attention, 'plain attention': plain_attention}
 
 
 def attention_steps(args, device: torch.device, layers: int) -> dict:
@@ -167,7 +169,7 @@ def attention_steps(args, device: torch.device, layers: int) -> dict:
         """The seven (N, N) x (N, d) products of exact attention fwd+bwd with recomputed scores, nothing else,
         in routed_attention's chunks of heads (which run them faster than one big batch on a CPU)."""
         with torch.no_grad():
-            for samples, heads in _chunks(q.shape, q.device):
+            for samples, heads in chunks(q.shape, q.device):
                 cq, ck, cv = q[samples, heads], k[samples, heads], v[samples, heads]
                 scores = cq @ ck.transpose(-2, -1)  # forward: scores, then the map times V
                 grad_out = scores @ cv

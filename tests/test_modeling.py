@@ -250,8 +250,8 @@ def test_only_binarized_models_dispatch_per_image_in_inference(monkeypatch):
     import model.trar as trar
 
     calls = []
-    dispatch = trar._windowed_weighted_samples
-    monkeypatch.setattr(trar, '_windowed_weighted_samples', lambda *a: calls.append(1) or dispatch(*a))
+    dispatch = trar.banded_routed_attention
+    monkeypatch.setattr(trar, 'banded_routed_attention', lambda *a: calls.append(1) or dispatch(*a))
     x = torch.randn(3, 3, 32, 32)
     for routing in ('soft', 'hard'):
         config = get_config('testing')

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model.trar as trar
+import model.attention.banded as banded
+import model.attention.shared_scores as shared_scores
 from model.trar import routed_attention, span_layout, span_masks
 from tests.test_trar import reference_routed_attention
 
@@ -49,9 +50,9 @@ def test_shared_scores_match_formula_forward_and_backward(batch, heads, grid, or
 ])
 def test_chunks_of_heads_and_samples_match_formula(monkeypatch, chunk_scores, expected_chunks):
     """Chunking (a smaller last chunk reusing the start of the workspaces) changes nothing."""
-    monkeypatch.setitem(trar.CHUNK_ELEMENTS, 'cpu', chunk_scores)
+    monkeypatch.setitem(shared_scores.CHUNK_ELEMENTS, 'cpu', chunk_scores)
     q, k, v, masks, alphas = inputs(3, 3, (4, 4), [0, 1, 2], 8)
-    assert trar._chunks(q.shape, q.device) == expected_chunks
+    assert shared_scores.chunks(q.shape, q.device) == expected_chunks
     assert_matches_formula(q, k, v, masks, alphas)
 
 def test_empty_batch_gives_empty_output_and_gradients():
@@ -113,7 +114,7 @@ def test_bf16_autocast_is_close_to_float32():
                                                 ((2, 6), [2, 0], 2), ((6, 6), [0, 1, 2, 3], None)])
 def test_binarized_dispatch_matches_formula(monkeypatch, grid, orders, rows):
     if rows is not None:  # tiles that overhang the grid, one row per tile, ...
-        monkeypatch.setattr(trar, '_tile_rows', lambda grid: rows)
+        monkeypatch.setattr(banded, '_tile_rows', lambda grid: rows)
     q, k, v, masks, _ = inputs(6, 2, grid, orders, 8)
     choice = torch.arange(6) % len(orders)
     one_hot = F.one_hot(choice, len(orders)).double()
@@ -129,7 +130,7 @@ def test_binarized_dispatch_skips_unused_orders(monkeypatch):
     q, k, v, masks, _ = inputs(2, 2, (4, 4), [0, 1], 8)
     calls = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(trar.F, 'scaled_dot_product_attention',
+    monkeypatch.setattr(banded.F, 'scaled_dot_product_attention',
                         lambda q, *a, **kw: calls.append(q.shape[2]) or sdpa(q, *a, **kw))
     with torch.no_grad():
         local_only = torch.tensor([[0., 1.], [0., 1.]], dtype=torch.float64)
