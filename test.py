@@ -5,25 +5,30 @@
     python test.py --ckpt output/demo/best.ckpt --image pic/1.jpg --routing_plot routing.png
     python test.py --ckpt ViT-B_16.npz --model_type ViT-B_16 --img_size 384 --image cat.jpg
 
-A checkpoint written by train.py carries its model config, image size and class names. Google's
-official `.npz` files carry only weights: the config comes from `--model_type` (a plain ViT unless
-`--orders` says otherwise, since the file has no router weights), the image size and number of
-classes from the file unless given. Images are preprocessed with training's evaluation transform.
+A checkpoint written by train.py carries its model config, image size and class names. Other files
+(Google `.npz`, timm and ViT-pytorch state dicts, read by model/pretrained.py) carry only weights: the
+config comes from `--model_type` (a plain ViT unless `--orders` says otherwise or the file has router
+weights), the image size and number of classes from the file unless given. Images are preprocessed
+with training's evaluation transform.
 """
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 import torch
+from matplotlib.backend_bases import FigureCanvasBase
 from PIL import Image
 
-from model.config import get_config, parse_orders
+from model import pretrained
+from model.config import parse_orders
 from model.modeling import VisionTransformer
-from utils import checkpoint as checkpoints
-from utils.data_utils import DATASETS, class_names, get_eval_transform, imagenet_1k_names
+from utils import data_utils
+from utils.data_utils import (DATASETS, UnreadableImage, class_names, get_eval_transform, imagenet_1k_names,
+                              is_image_file)
+from utils.files import describe, ensure_writable, write_atomic
 from utils.errors import one_line
 from utils.visualize import cls_attention, save_routing_plot
 
@@ -35,7 +40,8 @@ class InputError(Exception):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--ckpt', default='output/demo/best.ckpt',
-                        help="checkpoint written by train.py (.ckpt/.bin) or Google's official .npz")
+                        help="checkpoint written by train.py, Google .npz, timm .safetensors/.pth/.bin "
+                             "or a ViT-pytorch state dict")
     parser.add_argument('--image', default='./pic/1.jpg', help='an image file, or a folder of images')
     parser.add_argument('--topk', type=int, default=5, help='how many classes to list')
     parser.add_argument('--json', action='store_true', help='print one JSON object per image')
@@ -43,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='save the CLS attention and routing weights picture here '
                              '(for a folder: OUT_<image name>.png per image)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
-    weights = parser.add_argument_group("checkpoints without a config (official .npz, bare state dicts)")
+    weights = parser.add_argument_group("checkpoints without a config (.npz, timm and bare state dicts)")
     weights.add_argument('--model_type', default='ViT-B_16', help='config name in model/config.py')
     weights.add_argument('--img_size', type=int, default=None, help='default: from the position embeddings')
     weights.add_argument('--num_classes', type=int, default=None, help='default: from the head')
@@ -63,118 +69,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, list[str]]:
-    """The model in eval mode and its class names, from a train.py checkpoint or an official .npz."""
+    """The model in eval mode and its class names, from any file model/pretrained.py reads."""
     path = Path(args.ckpt)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"checkpoint {str(path)!r} not found")
-    if path.suffix == '.npz':
-        return load_official(path, args)
     try:
-        checkpoint = checkpoints.read(path)
+        weights = pretrained.read(path)
+        orders = parse_orders(args.orders) if args.orders is not None else None
+        model = pretrained.build_model(weights, args.model_type, orders, args.img_size, args.num_classes)
     except ValueError as error:
-        raise InputError(str(error)) from None
-    if 'state_dict' in checkpoint:
-        return load_trained(path, checkpoint)
-    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return load_state_dict_only(path, checkpoint, args)
-    raise InputError(f"{path} is not a TRAR-ViT checkpoint: no 'state_dict' in keys {sorted(checkpoint)[:8]}")
-
-
-def load_trained(path: Path, checkpoint: dict) -> tuple[VisionTransformer, list[str]]:
-    """A checkpoint written by train.py: everything needed is inside it."""
-    missing = [key for key in ('config', 'img_size', 'num_classes') if key not in checkpoint]
-    if missing:
-        raise InputError(f"{path} is not a TRAR-ViT checkpoint: it lacks {', '.join(missing)}")
-    config = ml_collections.ConfigDict(checkpoint['config'])
-    model = build_model(path, config, checkpoint['img_size'], checkpoint['num_classes'])
-    load_weights(model, checkpoint['state_dict'], path)
-    names = checkpoint.get('class_names') or default_class_names(checkpoint['num_classes'])
-    return model, list(names)
-
-
-def load_state_dict_only(path: Path, state_dict: dict, args: argparse.Namespace):
-    """A bare state dict (e.g. saved by ViT-pytorch): the config comes from the flags."""
-    routed = any('.attn.router.' in key for key in state_dict)
-    config = config_from_flags(args, default_orders=None if routed else [])
-    posemb = state_dict.get('transformer.embeddings.position_embeddings')
-    head = state_dict.get('head.weight')
-    if posemb is None or head is None:
-        raise InputError(f"{path} is not a ViT state dict: no position embeddings or head")
-    img_size = args.img_size or image_size_from_posemb(posemb.shape[1], config, path)
-    num_classes = args.num_classes or head.shape[0]
-    model = build_model(path, config, img_size, num_classes)
-    load_weights(model, state_dict, path)
-    return model, names_for(num_classes, args)
-
-
-def load_official(path: Path, args: argparse.Namespace) -> tuple[VisionTransformer, list[str]]:
-    """Google's official ViT .npz (e.g. imagenet21k+imagenet2012/ViT-B_16.npz)."""
-    try:
-        weights = dict(np.load(path))
-        posemb = weights['Transformer/posembed_input/pos_embedding']
-        file_classes = weights['head/kernel'].shape[-1]
-    except KeyError as error:
-        raise InputError(f"{path} is not an official ViT checkpoint: no {error.args[0]!r}") from None
-    except Exception as error:  # numpy raises several types for a file that is not an .npz
-        raise InputError(f"{path} is not a readable .npz file: {one_line(error)}") from None
-    config = config_from_flags(args, default_orders=[])
-    img_size = args.img_size or image_size_from_posemb(posemb.shape[1], config, path)
-    num_classes = args.num_classes or file_classes
-    if num_classes != file_classes:
-        raise InputError(f"--num_classes {num_classes} does not match the {file_classes} classes of {path}")
-    model = build_model(path, config, img_size, num_classes)
-    try:
-        model.load_from(weights)
-    except ValueError as error:
-        raise InputError(f"{path} does not fit --model_type {args.model_type}: {one_line(error)}") from None
-    return model.eval(), names_for(num_classes, args)
-
-
-def config_from_flags(args: argparse.Namespace, default_orders: list[int] | None) -> ml_collections.ConfigDict:
-    """`--model_type`'s config with `--orders` (or `default_orders`, None keeping the config's)."""
-    try:
-        config = get_config(args.model_type)
-    except ValueError as error:
-        raise InputError(str(error)) from None
-    if args.orders is not None:
-        try:
-            config.transformer.orders = parse_orders(args.orders)
-        except ValueError as error:
-            raise InputError(str(error)) from None
-    elif default_orders is not None:
-        config.transformer.orders = default_orders
-    return config
-
-
-def image_size_from_posemb(num_tokens: int, config: ml_collections.ConfigDict, path: Path) -> int:
-    """The square image size that a (1 + side^2)-token position embedding was trained at."""
-    side = int(round((num_tokens - 1) ** 0.5))
-    if side * side != num_tokens - 1:
-        raise InputError(f"{path}: position embedding of {num_tokens} tokens is not a square grid; pass --img_size")
-    return side * int(config.patches.size[0])
-
-
-def build_model(path: Path, config: ml_collections.ConfigDict, img_size: int, num_classes: int) -> VisionTransformer:
-    try:
-        return VisionTransformer(config, img_size=img_size, num_classes=num_classes)
-    except (ValueError, TypeError, AttributeError, KeyError) as error:
-        raise InputError(f"{path}: cannot build its model: {one_line(error)}") from None
-
-
-def load_weights(model: VisionTransformer, state_dict: dict, path: Path) -> None:
-    """Load strictly, describing any mismatch in one line instead of torch's multi-line dump."""
-    if not isinstance(state_dict, dict):
-        raise InputError(f"{path}: 'state_dict' is a {type(state_dict).__name__}, not a dict")
-    own = model.state_dict()
-    problems = [f"missing {key}" for key in own if key not in state_dict]
-    problems += [f"unexpected {key}" for key in state_dict if key not in own]
-    problems += [f"{key} has shape {tuple(value.shape)}, model {tuple(own[key].shape)}"
-                 for key, value in state_dict.items() if key in own and value.shape != own[key].shape]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ''
-        raise InputError(f"{path}: weights do not fit its model config: {'; '.join(problems[:3])}{more}")
-    model.load_state_dict(state_dict)
-    model.eval()
+        raise InputError(one_line(error, limit=None)) from None
+    if weights.layout == 'train.py':
+        return model, list(weights.checkpoint.get('class_names') or default_class_names(model.num_classes))
+    return model, names_for(model.num_classes, args)
 
 
 def names_for(num_classes: int, args: argparse.Namespace) -> list[str]:
@@ -202,29 +109,23 @@ def default_class_names(num_classes: int) -> list[str]:
 
 
 def image_paths(path: Path) -> list[Path]:
-    """The image itself, or the image files in a folder (by extension, sorted by name)."""
+    """The image itself, or the image files of a folder (the files training reads, `is_image_file`), by name."""
     if path.is_dir():
-        extensions = set(Image.registered_extensions())
-        paths = sorted(p for p in path.iterdir()
-                       if p.is_file() and not p.name.startswith('.') and p.suffix.lower() in extensions)
+        paths = sorted(p for p in path.iterdir() if is_image_file(p))
         if not paths:
             raise InputError(f"no image files in folder {str(path)!r}")
         return paths
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"image {str(path)!r} not found")
     return [path]
 
 
 def read_image(path: Path) -> Image.Image:
-    """Open and fully decode an image, so that a truncated file fails here, clearly."""
+    """Open and fully decode an image (training's reader), so that a bad file fails here, clearly."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except Image.UnidentifiedImageError:
-        raise InputError(f"{path} is not an image PIL can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise InputError(f"{path} is a damaged or truncated image: {one_line(error)}") from None
+        return data_utils.read_image(path)
+    except UnreadableImage as error:
+        raise InputError(str(error)) from None
 
 
 @torch.inference_mode()
@@ -259,13 +160,41 @@ def draw_routing(model: VisionTransformer, x: torch.Tensor, result: dict, out: P
     routing = np.asarray(result['routing']) if 'routing' in result else None
     probability = result['topk'][0][2]
     title = f"{name}: predicted {result['label']} ({probability:.0%})"
-    save_routing_plot(str(out), shown, attention, routing, model.config.transformer.orders, title)
+    try:  # all of the picture or none of it, even on a full disk
+        write_atomic(out, lambda tmp: save_routing_plot(str(tmp), shown, attention, routing,
+                                                        model.config.transformer.orders, title))
+    except OSError as error:
+        raise InputError(f"cannot write --routing_plot {out}: {describe(error)}") from None
 
 
-def plot_path(out: str, image: Path, many: bool) -> Path:
-    """`out` for a single image; `out`'s stem + `_<image stem>` for each image of a folder."""
+def plot_paths(out: str, images: list[Path]) -> dict[Path, Path]:
+    """Where each image's routing picture goes, checked before the model is loaded.
+
+    One image: `out`. Several: `out`'s stem + `_<image stem>` for each, or `_<image name>` for images whose
+    stem another one shares (a.jpg, a.png). Refused: a format matplotlib cannot write, a folder that cannot
+    be written, and pictures that would overwrite an input image or each other.
+    """
     out = Path(out)
-    return out.with_name(f"{out.stem}_{image.stem}{out.suffix}") if many else out
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise InputError(f"--routing_plot {out}: expected a file name ending in one of "
+                         f"{', '.join('.' + name for name in sorted(formats))}")
+    stems = Counter(image.stem for image in images)
+    plots = {image: out.with_name(f"{out.stem}_{image.stem if stems[image.stem] == 1 else image.name}{out.suffix}")
+             for image in images} if len(images) > 1 else {images[0]: out}
+    inputs = {image.resolve() for image in images}
+    for image, plot in plots.items():
+        if plot.resolve() in inputs:
+            raise InputError(f"--routing_plot {out}: the picture of {image} would overwrite the input image {plot}")
+        if plot.is_dir():
+            raise InputError(f"--routing_plot {plot} is a folder: expected a file name like routing.png")
+    if len(set(plots.values())) < len(plots):
+        raise InputError(f"--routing_plot {out}: two images would share one picture; expected distinct image names")
+    try:
+        ensure_writable(out.parent)
+    except OSError as error:
+        raise InputError(f"--routing_plot {out}: cannot write in {out.parent}: {describe(error)}") from None
+    return plots
 
 
 def run(args: argparse.Namespace) -> int:
@@ -273,11 +202,10 @@ def run(args: argparse.Namespace) -> int:
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for, but no CUDA device is available")
     paths = image_paths(Path(args.image))
+    plots = plot_paths(args.routing_plot, paths) if args.routing_plot else {}
     model, names = load_model(args)
     model.to(args.device)
     transform = get_eval_transform(model.img_size[0])
-    if args.routing_plot:
-        Path(args.routing_plot).parent.mkdir(parents=True, exist_ok=True)
     status = 0
     for path in paths:
         try:
@@ -290,8 +218,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         result = predict(model, x, names, args.topk)
         print(json.dumps({'image': str(path), **result}) if args.json else format_line(path, result), flush=True)
-        if args.routing_plot:
-            draw_routing(model, x, result, plot_path(args.routing_plot, path, len(paths) > 1), path.name)
+        if plots:
+            draw_routing(model, x, result, plots[path], path.name)
     return status
 
 

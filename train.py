@@ -12,7 +12,9 @@ import ast
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from functools import partial
@@ -26,7 +28,8 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from model.config import CONFIGS, get_config, parse_orders
+from model.config import CONFIGS, get_config, parse_orders, validate_config
+from model import pretrained as pretrained_weights
 from model.modeling import VisionTransformer
 from utils import checkpoint as checkpoints
 from utils import dist_util
@@ -34,7 +37,8 @@ from utils.data_utils import (AUGMENTS, DATASETS, Augmented, ShardedSampler, Unr
                               collate_skipping_none, get_eval_transform, get_train_transform, load_split)
 from utils.engine import (OPT_LEVELS, Precision, RunState, Throughput, evaluate, log_routing, peak_memory_mib,
                           train_one_epoch)
-from utils.errors import one_line
+from utils.errors import RunError, exit_with, one_line, stop_at_first_interrupt
+from utils.files import RunFolder, describe, write_atomic
 from utils.scheduler import DECAY_TYPES, TAU_POLICIES, build_scheduler, tau_at
 
 OFFICIAL_URL = 'https://storage.googleapis.com/vit_models/imagenet21k/{}.npz'
@@ -51,7 +55,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--data_dir', default='./data', help='dataset root (imagenet: train/ and val/ below it)')
     p.add_argument('--model_type', choices=sorted(CONFIGS), default='ViT-B_16')
     p.add_argument('--pretrained_dir', default='checkpoint/ViT-B_16.npz',
-                   help="Google's official .npz checkpoint; 'none' trains from scratch")
+                   help="weights to start from: Google .npz, timm .safetensors/.pth/.bin, a ViT-pytorch state dict "
+                        "or a train.py checkpoint (new fine-tune, fresh head); 'none' trains from scratch")
     p.add_argument('--output_dir', default='output')
     p.add_argument('--img_size', type=int, default=224)
     p.add_argument('--train_batch_size', type=int, default=512, help='global batch size over all processes')
@@ -69,8 +74,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--fp16_opt_level', choices=sorted(OPT_LEVELS), default='O2', help='; '.join(
         f'{level}: {meaning}' for level, meaning in OPT_LEVELS.items()))
     p.add_argument('--loss_scale', type=float, default=0, help='fp16: 0 dynamic loss scaling, a power of two static')
-    p.add_argument('--amp_dtype', choices=('fp16', 'bf16'), default='fp16', help='bf16 needs no loss scaling')
+    p.add_argument('--amp_dtype', choices=('fp16', 'bf16'), default=None,
+                   help='with --fp16: fp16 (the default) or bf16, which needs no loss scaling')
     p.add_argument('--resume_path', default=None, help='a last.ckpt to continue exactly')
+    p.add_argument('--overwrite', action='store_true',
+                   help="replace the checkpoints, results and logs of a previous run of this --name")
     p.add_argument('--num_workers', type=int, default=4, help='data-loading processes per training process')
     p.add_argument('--orders', default=None, help="span orders, e.g. '0,1,2', or 'none' for a plain ViT")
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
@@ -79,6 +87,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--augment', choices=AUGMENTS, default='flip')
     p.add_argument('--tau_policy', choices=TAU_POLICIES, default='slow', help='temperature schedule of hard routing')
     p.add_argument('--skip_corrupt', action='store_true', help='skip unreadable images with a warning and a count')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model (training and evaluation)')
     p.add_argument('--local_rank', '--local-rank', type=int, default=-1,
                    help='ignored (torchrun sets LOCAL_RANK); accepted for torch.distributed.launch')
     args = p.parse_args(argv)
@@ -93,6 +102,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag} {getattr(args, flag)}: expected a non-negative number")
     if args.warmup_steps >= args.num_steps:
         p.error(f"--warmup_steps {args.warmup_steps}: expected fewer than --num_steps {args.num_steps}")
+    if args.amp_dtype is not None and not args.fp16:
+        p.error(f"--amp_dtype {args.amp_dtype} takes effect only with --fp16: expected --fp16 --amp_dtype "
+                f"{args.amp_dtype}, or no --amp_dtype for float32")
+    args.amp_dtype = args.amp_dtype or 'fp16'
     return args
 
 
@@ -140,23 +153,19 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
             raise ValueError(f"--set {key}={text}: {key} is a group of fields; expected one of "
                              + ', '.join(f'{key}.{name}' for name in node[field]))
         node[field] = parse_field(key, text, node[field])
-    tau_min, tau_max = config.transformer.tau_min, config.transformer.tau_max
-    if config.transformer.routing == 'hard' and not 0 < tau_min <= tau_max:
-        raise ValueError(f"transformer.tau_min {tau_min:g}, transformer.tau_max {tau_max:g}: "
-                         "expected 0 < tau_min <= tau_max for hard routing")
-    return config
+    return validate_config(config)
 
 
-def pretrained_path(args: argparse.Namespace) -> Path | None:
-    """Google's official .npz to start from; None for --pretrained_dir 'none' or empty (train from scratch)."""
+def read_pretrained(args: argparse.Namespace) -> pretrained_weights.Pretrained | None:
+    """The weights to start from (any layout model/pretrained.py reads); None for --pretrained_dir 'none' or empty."""
     if args.pretrained_dir in (None, '', 'none'):
         return None
     path = Path(args.pretrained_dir)
-    if not path.is_file():
+    if not path.exists():
         source = (f"download it from {OFFICIAL_URL.format(args.model_type)}" if args.model_type in OFFICIAL_MODELS
                   else f"Google publishes none for {args.model_type}")
         raise FileNotFoundError(f"pretrained checkpoint {path} is missing; {source} or pass --pretrained_dir none")
-    return path
+    return pretrained_weights.read(path)
 
 
 def seed_everything(seed: int) -> None:
@@ -183,11 +192,23 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--train_batch_size {args.train_batch_size} is not divisible by {world} processes x "
                          f"{accumulation} accumulation steps")
     micro_batch = args.train_batch_size // (world * accumulation)
-    pretrained = None if args.resume_path else pretrained_path(args)  # checked before the data is scanned
+    if args.fp16 and device.type == 'cpu' and main_process:
+        print("warning: --fp16 on a CPU: autocast there runs slower than float32; it is for trying mixed "
+              "precision out, not for speed", file=sys.stderr)
+    config = build_config(args)
+    # The run folder is checked and locked before anything slow; every process stops if it is refused.
+    out_dir = Path(args.output_dir) / args.name
+    run_folder, refused = None, None
+    if main_process:
+        try:
+            run_folder = RunFolder(out_dir, args.resume_path, args.overwrite)
+        except ValueError as error:
+            refused = error
+    dist_util.raise_first_error(refused)
+    pretrained = None if args.resume_path else read_pretrained(args)  # read before the data is scanned
     seed_everything(args.seed + rank)
 
     # Data and model.
-    config = build_config(args)
     train_images = load_split(args.dataset, args.data_dir, True, args.skip_corrupt)
     val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt)
     check_same_classes(train_images, val_images)
@@ -197,18 +218,23 @@ def main(argv: list[str] | None = None) -> dict:
     model = VisionTransformer(config, img_size=args.img_size, num_classes=num_classes, zero_head=True)
     identity = {'model_type': args.model_type, 'img_size': args.img_size, 'num_classes': num_classes,
                 'config': config.to_dict()}
-    resume = checkpoints.load(args.resume_path) if args.resume_path else None
+    resume = checkpoints.load(args.resume_path, checkpoints.RESUME_KEYS) if args.resume_path else None
     if resume is not None:
         checkpoints.check_compatible(resume, identity)
         model.load_state_dict(resume['state_dict'])
         if main_process:
             warn_if_trajectory_changes(resume.get('args', {}), args)
     elif pretrained is not None:
-        model.load_from(np.load(pretrained))
+        pretrained_weights.load_pretrained(model, pretrained)
+        if pretrained.layout == 'train.py' and main_process:
+            print(f"note: {pretrained.path} is a train.py checkpoint: its weights start a new fine-tune with a fresh "
+                  f"head; to continue that run instead, pass --resume_path {pretrained.path}", file=sys.stderr)
 
     # Optimisation.
     precision = Precision.from_args(args.fp16, args.fp16_opt_level, args.amp_dtype, args.loss_scale, device)
     model.to(device=device, dtype=precision.model_dtype)
+    if args.compile:
+        model.compile()  # in place: the state dict keeps its keys, DDP wraps the compiled module
     ddp_model = model
     if world > 1:
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -244,13 +270,16 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"warning: the checkpoint was written by {len(resume['rng'])} processes, this run has {world}: "
                   "random states are not restored", file=sys.stderr)
 
-    out_dir = Path(args.output_dir) / args.name
-    writer = None
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(out_dir))
+    writer = SummaryWriter(str(out_dir)) if main_process else None
     seconds_before, start_time = state.seconds, time.time()
     meter = Throughput()
+    good = {'path': args.resume_path, 'step': state.step}  # the checkpoint with the last good state
+
+    def last_good_state() -> str:
+        """Where a run that stops can be continued from, for its error message."""
+        if good['path'] is None:
+            return "no checkpoint was written yet"
+        return f"{good['path']} holds the last good state (step {good['step']}): continue with --resume_path"
 
     def save(improved: bool) -> None:
         """last.ckpt (and best.ckpt when accuracy improved), with everything an exact resume needs.
@@ -266,11 +295,19 @@ def main(argv: list[str] | None = None) -> dict:
             'scaler': precision.scaler.state_dict() if precision.scaler is not None else None,
             'rng': dist_util.all_gather_objects(checkpoints.rng_state()),
         }
+        failed = None
         if main_process:
-            if improved:
-                checkpoints.save_atomic(checkpoint, out_dir / 'best.ckpt')
-            checkpoints.save_atomic(checkpoint, out_dir / 'last.ckpt')
-        dist_util.barrier()
+            for name in ('best.ckpt', 'last.ckpt') if improved else ('last.ckpt',):
+                try:
+                    checkpoints.save_atomic(checkpoint, out_dir / name)
+                except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+                    reason = describe(error) if isinstance(error, OSError) else one_line(error)
+                    failed = RunError(f"cannot write {out_dir / name}: {reason}; {last_good_state()}")
+                    break
+            else:
+                good.update(path=str(out_dir / 'last.ckpt'), step=state.step)
+        dist_util.raise_first_error(failed)  # also the barrier: every process stops when the write failed
+        good.update(path=str(out_dir / 'last.ckpt'), step=state.step)
 
     def after_step(loss: float, lr: float, progress: tqdm) -> None:
         """Log the step's loss and learning rate; every eval_every steps and at the end, evaluate and checkpoint."""
@@ -288,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
             log_routing(writer, model, state.step)
         if state.step % args.eval_every and state.step != args.num_steps:
             return
-        accuracy, val_loss, state.val_images = evaluate(model, val_loader, precision)
+        evaluation = evaluate(model, val_loader, precision, skipped=state.skipped_val)
+        accuracy, val_loss, state.val_images = evaluation.accuracy, evaluation.loss, evaluation.images
         if not math.isfinite(val_loss):
             raise FloatingPointError(f"non-finite validation loss at step {state.step}")
         improved = accuracy > state.best_acc
@@ -296,10 +334,13 @@ def main(argv: list[str] | None = None) -> dict:
         if main_process:
             writer.add_scalar('val/accuracy', accuracy, state.step)
             writer.add_scalar('val/loss', val_loss, state.step)
+            writer.add_scalar('val/top5', evaluation.top5, state.step)
             progress.write(f"step {state.step}: validation accuracy {accuracy:.4f} (best {state.best_acc:.4f})")
         save(improved)
         meter.reset()  # throughput counts training only
 
+    own_signals = threading.current_thread() is threading.main_thread()  # only the main thread may set them
+    sigint = stop_at_first_interrupt() if own_signals else None
     try:
         with tqdm(total=args.num_steps, initial=state.step, disable=not main_process, desc=args.name,
                   dynamic_ncols=True) as progress:
@@ -313,8 +354,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if not finished:
                     state.epoch, state.epoch_step = state.epoch + 1, 0
     except FloatingPointError as error:
-        kept = f"; {out_dir / 'last.ckpt'} keeps the last good weights" if (out_dir / 'last.ckpt').exists() else ''
-        raise FloatingPointError(f"{error}{kept}") from None
+        raise FloatingPointError(f"{error}; {last_good_state()}") from None
+    except KeyboardInterrupt:  # the process is stopping: later SIGINTs stay ignored
+        raise RunError(f"interrupted at step {state.step}; {last_good_state()}", code=130) from None
+    if own_signals:
+        signal.signal(signal.SIGINT, sigint)
 
     results = {
         'name': args.name, 'model_type': args.model_type, 'orders': list(config.transformer.orders),
@@ -326,7 +370,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if main_process:
         writer.close()
-        (out_dir / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
+        try:
+            write_atomic(out_dir / 'results.json', lambda tmp: tmp.write_text(json.dumps(results, indent=2) + '\n'))
+        except OSError as error:
+            raise RunError(f"cannot write {out_dir / 'results.json'}: {describe(error)}; {last_good_state()}") from None
+        run_folder.release()
         if state.skipped_images:
             print(f"skipped {state.skipped_images} unreadable images", file=sys.stderr)
         print(json.dumps(results), flush=True)
@@ -337,5 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError, UnreadableImage) as error:
-        sys.exit(f"error: {one_line(error, limit=None)}")
+    except RunError as error:
+        exit_with(one_line(error, limit=None), error.code)
+    except KeyboardInterrupt:
+        exit_with("interrupted before the first training step; this run wrote no checkpoint", 130)
+    except (ValueError, OSError, FloatingPointError, UnreadableImage) as error:  # OSError: FileNotFoundError too
+        exit_with(one_line(error, limit=None))

@@ -10,7 +10,7 @@ if [[ $DATASET == imagenet ]]; then default_data=./data/imagenet; else default_d
 DATA_DIR=${DATA_DIR:-$default_data}       # imagenet: train/ and val/ ImageFolder trees below it
 MODEL_TYPE=${MODEL_TYPE:-ViT-B_16}
 IMG_SIZE=${IMG_SIZE:-384}                 # 224 or 384
-NAME=${NAME:-${DATASET}_vit_trar}
+NAME=${NAME:-${DATASET}_vit_trar}           # a second run of one NAME is refused: set RESUME_PATH, NAME or --overwrite
 GPUS=${GPUS:-0,1,2,3,4,5,6,7}             # devices to use; one process per device
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-512} # global batch over all processes
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-64}
@@ -40,7 +40,8 @@ args=(--name "$NAME" --dataset "$DATASET" --data_dir "$DATA_DIR" --model_type "$
 [[ -n "$RESUME_PATH" ]] && args+=(--resume_path "$RESUME_PATH")
 
 if (( NPROC > 1 )); then
+  # torchrun (utils/launch.py) that ends a failed run with its one-line error, once, instead of one per process
   # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of flags
-  exec "$PYTHON" -m torch.distributed.run $TORCHRUN_ARGS --nproc_per_node="$NPROC" train.py "${args[@]}" "$@"
+  exec "$PYTHON" -m utils.launch $TORCHRUN_ARGS --nproc_per_node="$NPROC" train.py "${args[@]}" "$@"
 fi
 exec "$PYTHON" train.py "${args[@]}" "$@"

@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py --img_size 384 --batch 2 --orders 0,1,2             # CPU, two threads
     python benchmarks/bench.py --img_size 224 --batch 4 --orders 0,1,2,3
+    python benchmarks/bench.py --preset demo --repeats 30 --no_memory             # scripts/demo.sh's small model
     python benchmarks/bench.py --device cuda --dtype bf16 --img_size 384 --batch 64 --compile
 
 Every variant runs in this one process, interleaved round by round (ABCABC...), and the table shows
@@ -54,21 +55,42 @@ class StackedViT(VisionTransformer):
             modeling.routed_attention = original
 
 
+# `--preset demo`: the demo model of scripts/demo.sh (keep the two in step), a 4-layer, 64-wide ViT on 32-px images
+# with 4-px patches (65 tokens), 10 classes, batch 32.
+PRESETS = {'demo': dict(model_type='testing', img_size=32, batch=32, orders='0,1,2', num_classes=10,
+                        config={'hidden_size': 64, 'transformer.num_layers': 4, 'transformer.num_heads': 4,
+                                'transformer.mlp_dim': 128})}
+
+
+def model_config(args):
+    """The benchmarked model's config: ViT-B/16 unless a preset (or gpu_check --dry's 'testing') names another."""
+    config = get_config(getattr(args, 'model_type', 'ViT-B_16'))
+    for key, value in getattr(args, 'config', {}).items():
+        *scopes, field = key.split('.')
+        scope = config
+        for name in scopes:
+            scope = scope[name]
+        scope[field] = value
+    config.transformer.dropout_rate = 0.0
+    return config
+
+
 def build(variant: str, args) -> torch.nn.Module:
     torch.manual_seed(0)
     if variant.startswith('timm'):
         import timm
         name = f'vit_base_patch16_{args.img_size}' if args.img_size in (224, 384) else 'vit_base_patch16_224'
         return timm.create_model(name, img_size=args.img_size, num_classes=1000)
-    config = get_config('ViT-B_16')
-    config.transformer.dropout_rate = 0.0
+    config = model_config(args)
     config.transformer.orders = [] if variant == 'plain' else parse_orders(args.orders)
     cls = StackedViT if variant == 'stacked' else VisionTransformer
-    return cls(config, img_size=args.img_size, num_classes=1000)
+    return cls(config, img_size=args.img_size, num_classes=getattr(args, 'num_classes', 1000))
 
 
 def variants(args) -> list[str]:
     names = ['plain', 'trar', 'stacked']
+    if getattr(args, 'preset', None):
+        return names  # timm's row is ViT-B/16's
     try:
         import timm  # noqa: F401
         names.append('timm')
@@ -83,7 +105,7 @@ def make_step(model: torch.nn.Module, args, device: torch.device):
     if args.compile:
         model = torch.compile(model)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
-    labels = torch.randint(0, 1000, (args.batch,), device=device)
+    labels = torch.randint(0, getattr(args, 'num_classes', 1000), (args.batch,), device=device)
     dtype = torch.bfloat16 if args.dtype == 'bf16' else None
 
     def step():
@@ -149,10 +171,12 @@ ATTENTION = {'routed_attention': modeling.routed_attention, 'stacked (original)'
 
 
 def attention_steps(args, device: torch.device, layers: int) -> dict:
-    """The ATTENTION implementations alone at ViT-B/16's shapes: `layers` forwards, then one backward through
+    """The ATTENTION implementations alone at the model's shapes: `layers` forwards, then one backward through
     all of them, as a training step runs its blocks (each layer keeps what its backward needs)."""
-    grid = args.img_size // 16
-    n, heads, dim = grid * grid + 1, 12, 64
+    config = model_config(args)
+    grid = args.img_size // config.patches.size[0]
+    n, heads = grid * grid + 1, config.transformer.num_heads
+    dim = config.hidden_size // heads
     orders = parse_orders(args.orders)
     masks = span_masks(grid, orders).to(device)
     dtype = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
@@ -177,9 +201,21 @@ def attention_steps(args, device: torch.device, layers: int) -> dict:
                 grad_map = grad_out @ cv.transpose(-2, -1)
                 scores.transpose(-2, -1) @ grad_out, grad_map @ ck, grad_map.transpose(-2, -1) @ cq
 
-    routed = functools.partial(modeling.routed_attention, layout=span_layout(masks))  # precomputed, as in the model
+    routed = functools.partial(modeling.routed_attention, layout=span_layout(masks), grid=(grid, grid),
+                               orders=orders)  # what the model passes: every implementation can run
     steps = {name: step_of(function) for name, function in (ATTENTION | {'routed_attention': routed}).items()}
     return steps | {'products_only': products_only} if layers == 1 else steps
+
+
+def cuda_peak_memory_mib(step, device: torch.device) -> tuple[float, float]:
+    """Peak memory allocated to tensors and reserved by the caching allocator during one call of `step`
+    (after one call that leaves its persistent state, e.g. gradients, in place)."""
+    step()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20, torch.cuda.max_memory_reserved(device) / 2 ** 20
 
 
 def peak_memory_mib(kind: str, name: str, args) -> float:
@@ -190,12 +226,7 @@ def peak_memory_mib(kind: str, name: str, args) -> float:
             steps = attention_steps(args, device, attention_layers(kind))
         else:
             steps = {name: make_step(build(name, args), args, device)}
-        steps[name]()
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        steps[name]()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return cuda_peak_memory_mib(steps[name], device)[0]
     with multiprocessing.get_context('spawn').Pool(1) as pool:
         return pool.apply(_cpu_peak_rss_mib, (kind, name, args))
 
@@ -260,39 +291,45 @@ def main() -> None:
     p.add_argument('--attention_layers', type=int, default=12,
                    help='layers in the attention-alone comparison besides one (ViT-B/16 has 12)')
     p.add_argument('--no_memory', action='store_true', help='skip the peak-memory measurements')
+    p.add_argument('--preset', choices=sorted(PRESETS),
+                   help="another model than ViT-B/16: 'demo' is scripts/demo.sh's (its image size, batch, orders)")
     args = p.parse_args()
+    if args.preset:
+        vars(args).update(PRESETS[args.preset])
+    sys.stdout.reconfigure(line_buffering=True)  # every row shows as soon as it is measured
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {args.threads} threads'
-    print(f"# ViT-B/16 {args.img_size}px, batch {args.batch}, orders [{args.orders}], {args.dtype}, "
-          f"compile {'on' if args.compile else 'off'}, {name}, torch {torch.__version__}")
+    print(f"# {args.preset or 'ViT-B/16'} {args.img_size}px, batch {args.batch}, orders [{args.orders}], "
+          f"{args.dtype}, compile {'on' if args.compile else 'off'}, {name}, torch {torch.__version__}")
 
     names = variants(args)
     step_times = time_rounds({n: make_step(build(n, args), args, device) for n in names}, args, device)
     depths = sorted({1, args.attention_layers})
-    attention_times = {layers: time_rounds(attention_steps(args, device, layers), args, device) for layers in depths}
     memory = {}
-    if not args.no_memory:
-        memory = {n: peak_memory_mib('model', n, args) for n in names}
-        memory.update({(f'attention {layers}', n): peak_memory_mib(f'attention {layers}', n, args)
-                       for layers in depths for n in ATTENTION})
+
+    def memory_cells(kind: str, name: str, reference: str) -> str:
+        """Measure `name`'s peak memory now (unless --no_memory): 'MiB | ratio to the reference row'."""
+        if args.no_memory:
+            return '- | -'
+        memory[kind, name] = peak_memory_mib(kind, name, args)
+        return f"{memory[kind, name]:.0f} | {memory[kind, name] / memory[kind, reference]:.2f}x"
 
     print(f"\n| variant | step time (s) | vs plain | images/s | peak memory (MiB) | vs plain |")
     print("|---|---|---|---|---|---|")
     for n in names:
-        mem = f"{memory[n]:.0f} | {memory[n] / memory['plain']:.2f}x" if memory else '- | -'
         print(f"| {n} | {step_times[n]:.3f} | {step_times[n] / step_times['plain']:.2f}x | "
-              f"{args.batch / step_times[n]:.1f} | {mem} |")
-    for layers, times in attention_times.items():
+              f"{args.batch / step_times[n]:.1f} | {memory_cells('model', n, 'plain')} |")
+    attention_times = {}
+    for layers in depths:
+        times = attention_times[layers] = time_rounds(attention_steps(args, device, layers), args, device)
         label = '1 layer' if layers == 1 else f'{layers} layers, then backward (a training step\'s attention)'
         print(f"\n| attention alone, fwd+bwd, {label} | ms / layer | vs routed_attention | peak memory (MiB) | "
               "vs routed_attention |")
         print("|---|---|---|---|---|")
-        kind = f'attention {layers}'
-        for n in ATTENTION:
-            mem = (f"{memory[kind, n]:.0f} | {memory[kind, n] / memory[kind, 'routed_attention']:.2f}x"
-                   if memory else '- | -')
-            print(f"| {n} | {times[n] / layers * 1e3:.1f} | {times[n] / times['routed_attention']:.2f}x | {mem} |")
+        for n in ATTENTION:  # routed_attention first: the reference of the ratios
+            print(f"| {n} | {times[n] / layers * 1e3:.1f} | {times[n] / times['routed_attention']:.2f}x | "
+                  f"{memory_cells(f'attention {layers}', n, 'routed_attention')} |")
     products = attention_times[1]['products_only']
     print(f"\nThe seven (N, N) x (N, d) products alone take {products * 1e3:.1f} ms per layer: no exact attention "
           f"that recomputes its scores can be more than {attention_times[1]['stacked (original)'] / products:.2f}x "
@@ -302,7 +339,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for n, seconds in eval_times.items():
         print(f"| {n} | {seconds:.3f} | {args.batch / seconds:.1f} | {eval_times['trar soft'] / seconds:.2f}x |")
-    if device.type == 'cuda':
+    if device.type == 'cuda' and not args.preset:  # forward_flops counts ViT-B/16's
         achieved = 3 * forward_flops(args) * args.batch / step_times['plain']
         rate = matmul_rate(device)
         print(f"plain ViT-B/16: {achieved / 1e12:.1f} TFLOP/s of model FLOPs = {achieved / rate:.0%} of the "

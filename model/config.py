@@ -6,16 +6,22 @@ Configs are data. Edit the TRAR fields here (or override them from the command l
 - `transformer.orders`: span orders routed over in every block. Order 0 is global attention,
   order `o` lets a patch attend to the (2o+1)x(2o+1) window around it on the patch grid.
   `[]` is a plain ViT with no routing parameters at all.
-- `transformer.pooling`: how the router summarises the tokens: `avg`, `attention` or `fc`.
+- `transformer.pooling`: how the router summarises the tokens: `avg` (mean), `attention` (TRAR's
+  `AttFlat`: an MLP scores the tokens, then their weighted sum, a linear merge and a LayerNorm; its
+  dropout rate is `transformer.dropout_rate`) or `fc` (one linear score per token, softmax, weighted sum).
 - `transformer.routing`: `soft` (softmax over orders) or `hard` (Gumbel-softmax with temperature
   tau, annealed from `tau_max` to `tau_min` during training).
-- `transformer.binarize`: with hard routing, use a one-hot argmax at evaluation, so each sample
-  computes a single span.
+- `transformer.binarize`: use the one-hot argmax of the routing weights at evaluation (either
+  routing), so each sample computes a single span.
+- `transformer.eval_noise`: hard routing samples Gumbel noise at evaluation too, as the original
+  TRAR code does (evaluation is then random); off, evaluation uses `softmax(logits / tau)`, and with
+  `binarize` the argmax of the logits. README's "Differences from the original TRAR code" lists why.
 
 The patch grid (the original code's hand-edited `img_scale`) is derived from the image size and
 patch size by the model; a config that still sets `img_scale` must agree with it.
 """
 import copy
+import math
 
 import ml_collections
 
@@ -37,6 +43,7 @@ def _vit_config(patch: int, hidden: int, mlp: int, heads: int, layers: int,
     config.transformer.tau_max = 10.0
     config.transformer.tau_min = 0.1
     config.transformer.binarize = False
+    config.transformer.eval_noise = False
     config.classifier = 'token'
     config.representation_size = None
     return config
@@ -97,3 +104,52 @@ def get_config(model_type: str) -> ml_collections.ConfigDict:
     if model_type not in CONFIGS:
         raise ValueError(f"unknown model_type {model_type!r}; expected one of {sorted(CONFIGS)}")
     return copy.deepcopy(CONFIGS[model_type])
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raise a one-line ValueError naming the first field whose value cannot build a model; return the config.
+
+    Sizes are positive integers, heads divide the hidden size, rates are finite and in [0, 1), the hard-routing
+    temperatures are finite with 0 < tau_min <= tau_max. What depends on the image size (orders against the
+    patch grid) is checked by the model.
+    """
+    t = config.transformer
+
+    def fail(key: str, value, expected: str):
+        raise ValueError(f"{key} {value!r}: expected {expected}")
+
+    def positive_int(key: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            fail(key, value, 'a positive integer')
+
+    size = config.patches.size
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(
+            isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size):
+        fail('patches.size', size, 'two positive integers like (16, 16)')
+    for key, value in (('hidden_size', config.hidden_size), ('transformer.mlp_dim', t.mlp_dim),
+                       ('transformer.num_heads', t.num_heads), ('transformer.num_layers', t.num_layers)):
+        positive_int(key, value)
+    if config.hidden_size % t.num_heads:
+        fail('transformer.num_heads', t.num_heads, f'a divisor of hidden_size {config.hidden_size}')
+    for key in ('dropout_rate', 'attention_dropout_rate'):
+        rate = t[key]
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            fail(f'transformer.{key}', rate, 'a number in [0, 1)')
+    if t.routing == 'hard' and not 0 < t.tau_min <= t.tau_max:
+        raise ValueError(f"transformer.tau_min {t.tau_min:g}, transformer.tau_max {t.tau_max:g}: "
+                         "expected 0 < tau_min <= tau_max for hard routing")
+    for key in ('tau_min', 'tau_max'):
+        tau = t[key]
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+            fail(f'transformer.{key}', tau, 'a finite positive number')
+    orders = list(t.orders)
+    if any(isinstance(o, bool) or not isinstance(o, int) or o < 0 for o in orders) or len(set(orders)) != len(orders):
+        fail('transformer.orders', orders, 'distinct non-negative integers like [0, 1, 2]')
+    if not isinstance(t.binarize, bool):
+        fail('transformer.binarize', t.binarize, 'true or false')
+    if config.classifier != 'token':
+        fail('classifier', config.classifier, "'token'")
+    representation = config.get('representation_size')
+    if representation is not None:
+        positive_int('representation_size', representation)
+    return config

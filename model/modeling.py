@@ -2,17 +2,18 @@
 
 Module names follow ViT-pytorch, so its state dicts load directly into a plain model
 (`transformer.embeddings.*`, `transformer.encoder.layer.{i}.attn.{query,key,value,out}`, `head`).
-A routed model adds `attn.router.*` to every block. `load_from` reads Google's official `.npz`.
+A routed model adds `attn.router.*` to every block. Pretrained weights of other layouts: `pretrained.py`.
 """
+from collections import OrderedDict
 from typing import Mapping, Sequence
 
 import ml_collections
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import nn
 
+from .config import validate_config
 from .trar import (Router, SpanLayout, as_grid, check_orders, check_routing, routed_attention, routed_attention_maps,
                    span_layout, span_masks)
 
@@ -55,7 +56,8 @@ class Attention(nn.Module):
         self.proj_dropout = nn.Dropout(self.dropout_p)
         t = config.transformer
         self.orders, self.grid = list(t.orders), grid  # what the span masks are built from
-        self.router = Router(hidden, len(self.orders), t.pooling, t.routing, t.binarize) if self.orders else None
+        self.router = Router(hidden, len(self.orders), t.pooling, t.routing, t.binarize, dropout_rate=t.dropout_rate,
+                             eval_noise=t.get('eval_noise', False)) if self.orders else None  # older configs lack it
         self.last_alphas: torch.Tensor | None = None
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,8 +82,8 @@ class Attention(nn.Module):
                 attention_map = routed_attention_maps(q, k, masks, alphas)
                 context = attention_map.to(v.dtype) @ v
             else:
-                spans = dict(grid=self.grid, orders=self.orders) if self.router.binarize else {}  # per-image dispatch
-                context = routed_attention(q, k, v, masks, alphas, dropout_p, layout=layout, **spans)
+                context = routed_attention(q, k, v, masks, alphas, dropout_p, layout=layout, grid=self.grid,
+                                           orders=self.orders, binarized=self.router.binarize)
         out = self.proj_dropout(self.out(context.transpose(1, 2).flatten(2)))
         return out, attention_map
 
@@ -168,14 +170,19 @@ class VisionTransformer(nn.Module):
         self.img_size = as_grid(img_size)
         self.num_classes = num_classes
         self.zero_head = zero_head
-        if config.classifier != 'token':
-            raise ValueError(f"unknown classifier {config.classifier!r}; expected 'token'")
+        validate_config(config)
         self.transformer = Transformer(config, self.img_size)
         self.grid = self.transformer.embeddings.grid
         check_orders(config.transformer.orders, self.grid)
         check_routing(config.transformer.pooling, config.transformer.routing)
         _check_img_scale(config, self.grid)
-        self.head = nn.Linear(config.hidden_size, num_classes)
+        # The pre-logits layer of ViT's ImageNet-21k models (vit_jax, timm): Dense + tanh, when the config asks for it.
+        representation = config.get('representation_size')
+        self.pre_logits = nn.Identity()
+        if representation:
+            fc = nn.Linear(config.hidden_size, representation)
+            self.pre_logits = nn.Sequential(OrderedDict(fc=fc, act=nn.Tanh()))
+        self.head = nn.Linear(representation or config.hidden_size, num_classes)
         if zero_head:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -193,7 +200,7 @@ class VisionTransformer(nn.Module):
         """(B, 3, H, W) images -> (B, num_classes) logits."""
         self._check_input(x)
         tokens, _ = self.transformer(x)
-        return self.head(tokens[:, 0])
+        return self.head(self.pre_logits(tokens[:, 0]))
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -217,25 +224,15 @@ class VisionTransformer(nn.Module):
             if block.attn.router is not None:
                 block.attn.router.tau.fill_(tau)
 
-    @torch.no_grad()
     def load_from(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Load Google's official ViT `.npz` checkpoint (e.g. `np.load('imagenet21k/ViT-B_16.npz')`).
+        """Load Google's `.npz` arrays (e.g. `np.load('imagenet21k/ViT-B_16.npz')`), vit_jax or big_vision keys.
 
-        Loads everything but the head when `zero_head`; resizes the position-embedding grid when
-        the image size differs; routers keep their initialisation. Missing keys or wrong shapes
-        raise a ValueError listing them all.
+        Loads everything but the head when `zero_head`; resizes the position-embedding grid when the image
+        size differs; routers keep their initialisation. Whatever does not fit raises one ValueError line.
+        Other layouts (timm, ViT-pytorch, train.py checkpoints): `model.pretrained.load_pretrained`.
         """
-        params, problems = _official_to_torch(weights, self.config, skip_head=self.zero_head)
-        posemb = 'transformer.embeddings.position_embeddings'
-        if posemb in params:
-            params[posemb] = _resize_posemb(params[posemb], self.grid)
-        own = self.state_dict()
-        problems += [f"{name}: file {tuple(value.shape)} vs model {tuple(own[name].shape)}"
-                     for name, value in params.items() if tuple(value.shape) != tuple(own[name].shape)]
-        if problems:
-            raise ValueError(f"checkpoint does not fit this config ({len(problems)} problems): {'; '.join(problems)}")
-        for name, value in params.items():
-            own[name].copy_(value)
+        from .pretrained import from_google_arrays, load_into
+        load_into(self, from_google_arrays(dict(weights)), head=not self.zero_head, routers=False)
 
 
 def _check_img_scale(config: ml_collections.ConfigDict, grid: tuple[int, int]) -> None:
@@ -245,58 +242,3 @@ def _check_img_scale(config: ml_collections.ConfigDict, grid: tuple[int, int]) -
         if scale is not None and tuple(as_grid(scale)) != grid:
             raise ValueError(f"config img_scale={scale} disagrees with the {grid[0]}x{grid[1]} patch grid "
                              "of this image and patch size; remove img_scale, it is derived now")
-
-
-def _official_to_torch(weights: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
-                       skip_head: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """State-dict tensors from an official `.npz`, and the problems found: missing keys, arrays that do not convert."""
-    hidden = config.hidden_size
-    names = {
-        'transformer.embeddings.patch_embeddings.weight': ('embedding/kernel', lambda w: w.transpose(3, 2, 0, 1)),
-        'transformer.embeddings.patch_embeddings.bias': ('embedding/bias', None),
-        'transformer.embeddings.cls_token': ('cls', None),
-        'transformer.embeddings.position_embeddings': ('Transformer/posembed_input/pos_embedding', None),
-        'transformer.encoder.encoder_norm.weight': ('Transformer/encoder_norm/scale', None),
-        'transformer.encoder.encoder_norm.bias': ('Transformer/encoder_norm/bias', None),
-    }
-    if not skip_head:
-        names['head.weight'] = ('head/kernel', lambda w: w.T)
-        names['head.bias'] = ('head/bias', None)
-    for i in range(config.transformer.num_layers):
-        ours, theirs = f'transformer.encoder.layer.{i}.', f'Transformer/encoderblock_{i}/'
-        attention = theirs + 'MultiHeadDotProductAttention_1/'
-        for part in ('query', 'key', 'value', 'out'):
-            names[f'{ours}attn.{part}.weight'] = (f'{attention}{part}/kernel', lambda w: w.reshape(hidden, hidden).T)
-            names[f'{ours}attn.{part}.bias'] = (f'{attention}{part}/bias', lambda w: w.reshape(-1))
-        for j, part in ((0, 'fc1'), (1, 'fc2')):
-            names[f'{ours}ffn.{part}.weight'] = (f'{theirs}MlpBlock_3/Dense_{j}/kernel', lambda w: w.T)
-            names[f'{ours}ffn.{part}.bias'] = (f'{theirs}MlpBlock_3/Dense_{j}/bias', None)
-        for j, part in ((0, 'attention_norm'), (2, 'ffn_norm')):
-            names[f'{ours}{part}.weight'] = (f'{theirs}LayerNorm_{j}/scale', None)
-            names[f'{ours}{part}.bias'] = (f'{theirs}LayerNorm_{j}/bias', None)
-    params, problems = {}, []
-    for name, (key, convert) in names.items():
-        if key not in weights:
-            problems.append(f"missing {key}")
-            continue
-        value = np.asarray(weights[key])
-        try:
-            params[name] = torch.from_numpy(np.ascontiguousarray(convert(value) if convert else value)).float()
-        except ValueError:  # a reshape to this config's width failed
-            problems.append(f"{key}: file {value.shape} does not fit hidden_size {hidden}")
-    return params, problems
-
-
-def _resize_posemb(posemb: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Resize a (1, 1 + g*g, D) position embedding to `grid` as the official code does (zoom, order 1)."""
-    n_new = 1 + grid[0] * grid[1]
-    if posemb.shape[1] == n_new:
-        return posemb
-    cls_token, patches = posemb[:, :1], posemb[0, 1:].numpy()
-    side = int(round(np.sqrt(len(patches))))
-    if side * side != len(patches):
-        raise ValueError(f"position embedding with {len(patches)} patch tokens is not a square grid")
-    patches = patches.reshape(side, side, -1)
-    patches = ndimage.zoom(patches, (grid[0] / side, grid[1] / side, 1), order=1)
-    patches = torch.from_numpy(patches.reshape(1, grid[0] * grid[1], -1))
-    return torch.cat([cls_token, patches], dim=1)

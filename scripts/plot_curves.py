@@ -1,37 +1,54 @@
-"""Validation accuracy against training step for several runs, in one picture.
+"""Validation accuracy against training step, per model over several seeds, with the statistics that go with it.
 
-    python scripts/plot_curves.py output/demo output/demo_plain --labels "TRAR-ViT" "plain ViT" \
-        --out docs/convergence.png
+    python scripts/plot_curves.py --model "TRAR-ViT" output/demo_trar_seed{1..5} \
+        --model "plain ViT" output/demo_plain_seed{1..5} --out docs/convergence.png --summary output/compare/summary
 
-Reads the accuracy scalars that train.py writes to TensorBoard under each run's folder, marks where
-each run first reaches `--threshold`, and prints one line per run with the numbers in the legend.
+Reads the accuracy scalars that train.py writes to TensorBoard under each run's folder. Per model it draws
+the mean curve over its runs with a band from the lowest to the highest run at every step (one run: its
+curve), and reports steps to `--threshold`, best and final accuracy as mean ± sample sd over the runs.
+With two models of as many runs, the runs are paired in the order given (the same seed, when the
+checkpoints record seeds: a mismatch is an error) and the per-seed differences (first model − second)
+are reported too. `--summary PATH` writes PATH.json and a markdown table to PATH.md.
 """
 import argparse
+import json
+import statistics
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+METRICS = ('steps_to_threshold', 'best_acc', 'final_acc', 'seconds')
 
-def read_curve(run_dir: Path, tag: str | None) -> tuple[str, list[int], list[float]]:
-    """(tag, steps, values) of one run; without `tag`, the only scalar tag naming an accuracy."""
+
+def read_scalars(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Every scalar train.py logged under `run_dir`: tag -> (steps, values), sorted by step."""
     if not any(run_dir.rglob('events.out.tfevents.*')):
-        raise SystemExit(f"plot_curves.py: error: no TensorBoard event files under {run_dir}")
+        raise SystemExit(f"{Path(__file__).name}: error: no TensorBoard event files under {run_dir}")
     events = EventAccumulator(str(run_dir), size_guidance={'scalars': 0})
     events.Reload()
-    tags = events.Tags()['scalars']
+    scalars = {}
+    for tag in events.Tags()['scalars']:
+        pairs = sorted((event.step, event.value) for event in events.Scalars(tag))
+        scalars[tag] = ([step for step, _ in pairs], [value for _, value in pairs])
+    return scalars
+
+
+def read_curve(run_dir: Path, tag: str | None = None) -> tuple[str, list[int], list[float]]:
+    """(tag, steps, values) of one run; without `tag`, the only scalar tag naming an accuracy."""
+    scalars = read_scalars(run_dir)
     if tag is None:
-        candidates = [t for t in tags if 'acc' in t.lower()]
+        candidates = [t for t in scalars if 'acc' in t.lower()]
         if len(candidates) != 1:
-            raise SystemExit(f"plot_curves.py: error: pick one of {tags} with --tag (found {candidates})")
+            raise SystemExit(f"plot_curves.py: error: pick one of {sorted(scalars)} with --tag (found {candidates})")
         tag = candidates[0]
-    elif tag not in tags:
-        raise SystemExit(f"plot_curves.py: error: {run_dir} has no scalar {tag!r}; it has {tags}")
-    scalars = sorted((e.step, e.value) for e in events.Scalars(tag))
-    return tag, [s for s, _ in scalars], [v for _, v in scalars]
+    elif tag not in scalars:
+        raise SystemExit(f"plot_curves.py: error: {run_dir} has no scalar {tag!r}; it has {sorted(scalars)}")
+    return (tag, *scalars[tag])
 
 
 def first_step_reaching(steps: list[int], values: list[float], threshold: float) -> int | None:
@@ -39,49 +56,160 @@ def first_step_reaching(steps: list[int], values: list[float], threshold: float)
     return next((s for s, v in zip(steps, values) if v >= threshold), None)
 
 
-def plot(runs: list[tuple[str, list[int], list[float]]], threshold: float, title: str) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, steps, values in runs:
-        reached = first_step_reaching(steps, values, threshold)
-        text = f"{label}: {threshold:.0%} at step {reached}" if reached else f"{label}: never {threshold:.0%}"
-        text += f", best {max(values):.1%}"
-        line, = ax.plot(steps, values, marker='o', markersize=3, label=text)
-        if reached:
-            ax.axvline(reached, color=line.get_color(), linestyle=':', linewidth=1)
+def run_seed(run_dir: Path) -> int | None:
+    """The seed a run was trained with, from its last checkpoint's arguments (None without one)."""
+    checkpoint = run_dir / 'last.ckpt'
+    if not checkpoint.is_file():
+        return None
+    import torch  # only here: reading curves alone needs no torch
+    return torch.load(checkpoint, map_location='cpu', weights_only=True).get('args', {}).get('seed')
+
+
+def run_record(run_dir: Path, tag: str | None, threshold: float) -> dict:
+    """One run's curve and figures: steps to threshold (None if never), best and final value, training seconds."""
+    tag, steps, values = read_curve(run_dir, tag)
+    results = run_dir / 'results.json'
+    seconds = json.loads(results.read_text()).get('seconds') if results.is_file() else None
+    return {'run': str(run_dir), 'seed': run_seed(run_dir), 'tag': tag, 'steps': steps, 'values': values,
+            'steps_to_threshold': first_step_reaching(steps, values, threshold),
+            'best_acc': max(values), 'final_acc': values[-1], 'seconds': seconds}
+
+
+def describe(values: list[float | None]) -> dict:
+    """Mean and sample sd of the values that exist (a run that never reached the threshold has None)."""
+    present = [v for v in values if v is not None]
+    return {'mean': statistics.fmean(present) if present else None,
+            'sd': statistics.stdev(present) if len(present) > 1 else None,
+            'n': len(present), 'of': len(values), 'values': values}
+
+
+def model_summary(label: str, runs: list[dict]) -> dict:
+    return {'label': label, 'runs': [{k: r[k] for k in ('run', 'seed', *METRICS)} for r in runs],
+            **{metric: describe([r[metric] for r in runs]) for metric in METRICS}}
+
+
+def paired_difference(first: list[dict], second: list[dict]) -> dict:
+    """Per pair of runs (same position, same seed), first − second for every metric both runs have."""
+    for a, b in zip(first, second):
+        if a['seed'] is not None and b['seed'] is not None and a['seed'] != b['seed']:
+            raise SystemExit(f"plot_curves.py: error: {a['run']} (seed {a['seed']}) is paired with {b['run']} "
+                             f"(seed {b['seed']}); give both models' runs in the same seed order")
+    return {'seeds': [a['seed'] for a in first],
+            **{metric: describe([None if a[metric] is None or b[metric] is None else a[metric] - b[metric]
+                                 for a, b in zip(first, second)]) for metric in METRICS}}
+
+
+def summarize(models: list[tuple[str, list[dict]]], threshold: float) -> dict:
+    summary = {'threshold': threshold, 'band': 'min-max over runs',
+               'models': [model_summary(label, runs) for label, runs in models]}
+    if len(models) == 2 and len(models[0][1]) == len(models[1][1]) > 1:
+        summary['paired_difference'] = {'label': f"{models[0][0]} − {models[1][0]}",
+                                        **paired_difference(models[0][1], models[1][1])}
+    return summary
+
+
+def mean_sd(stats: dict, scale: float = 1.0, unit: str = '', digits: int = 0) -> str:
+    """'500 ± 35' (or '500' for one value, 'never' for none), with the count when some are missing."""
+    if stats['mean'] is None:
+        return 'never'
+    text = f"{stats['mean'] * scale:.{digits}f}{unit}"
+    if stats['sd'] is not None:
+        text += f" ± {stats['sd'] * scale:.{digits}f}{unit}"
+    if stats['n'] < stats['of']:
+        text += f" ({stats['n']} of {stats['of']} runs)"
+    return text
+
+
+def each(stats: dict, scale: float = 1.0, digits: int = 0) -> str:
+    return ', '.join('never' if v is None else f"{v * scale:.{digits}f}" for v in stats['values'])
+
+
+def markdown(summary: dict) -> str:
+    """The summary as a markdown table: per model and for the paired difference, the per-run values and mean ± sd."""
+    threshold = f"{summary['threshold']:.0%}"
+    rows = [*summary['models']]
+    if 'paired_difference' in summary:
+        rows.append(summary['paired_difference'])
+    runs = summary['models'][0]['runs']
+    seeds = f" (seeds {', '.join(str(r['seed']) for r in runs)})" if all(r['seed'] is not None for r in runs) else ''
+    lines = [f"Validation accuracy over {len(runs)} runs{seeds}; mean ± sample sd"
+             + ("; the difference pairs the runs of the same seed." if 'paired_difference' in summary else '.'), '',
+             f"| | steps to {threshold}, each | steps to {threshold} | best accuracy | final accuracy | training seconds |",
+             '|---|---|---|---|---|---|']
+    for row in rows:
+        lines.append(f"| {row['label']} | {each(row['steps_to_threshold'])} | {mean_sd(row['steps_to_threshold'])} | "
+                     f"{mean_sd(row['best_acc'], 100, '%', 1)} | {mean_sd(row['final_acc'], 100, '%', 1)} | "
+                     f"{mean_sd(row['seconds'])} |")
+    return '\n'.join(lines) + '\n'
+
+
+def plot(models: list[tuple[str, list[dict]]], threshold: float, title: str) -> plt.Figure:
+    """Per model the mean curve over its runs and the min-max band; under the threshold line, the mean step ± sd."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for index, (label, runs) in enumerate(models):
+        steps = runs[0]['steps']
+        for run in runs[1:]:
+            if run['steps'] != steps:
+                raise SystemExit(f"plot_curves.py: error: {run['run']} was evaluated at other steps than "
+                                 f"{runs[0]['run']}; the runs of one model must share their evaluation steps")
+        values = np.array([run['values'] for run in runs])
+        reached = describe([run['steps_to_threshold'] for run in runs])
+        best = describe([run['best_acc'] for run in runs])
+        text = (f"{label}: " + (f"{threshold:.0%} at step {mean_sd(reached)}" if reached['n'] else f"never {threshold:.0%}")
+                + f", best {mean_sd(best, 100, '%', 1)}" + (f" ({len(runs)} runs)" if len(runs) > 1 else ''))
+        line, = ax.plot(steps, values.mean(0), marker='o', markersize=2.5, linewidth=1.5, label=text)
+        if len(runs) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+        if reached['mean'] is not None:
+            ax.errorbar(reached['mean'], threshold - 0.03 * (index + 1), xerr=reached['sd'] or 0, color=line.get_color(),
+                        marker='|', markersize=12, capsize=4, linewidth=1.5)
     ax.axhline(threshold, color='grey', linestyle='--', linewidth=1)
     ax.set_xlabel('training step')
     ax.set_ylabel('validation accuracy')
     ax.set_ylim(0, 1.0)
     ax.grid(alpha=0.3)
-    ax.legend(loc='lower right')
-    ax.set_title(title)
+    ax.legend(loc='lower right', fontsize=9)
+    several = any(len(runs) > 1 for _, runs in models)
+    ax.set_title(title + ('\nmean of the runs, band from the lowest to the highest run; '
+                          f'bars: mean step to {threshold:.0%} ± sd' if several else ''), fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('runs', nargs='+', type=Path, help="runs' output folders (TensorBoard logs inside)")
-    parser.add_argument('--labels', nargs='+', default=None, help='legend names, one per run (default: folder names)')
+    parser.add_argument('--model', nargs='+', action='append', required=True, metavar=('LABEL', 'RUN'),
+                        help="a legend name and that model's run folders (TensorBoard logs inside); repeat per model")
     parser.add_argument('--tag', default=None, help="scalar to plot (default: the one with 'acc' in its name)")
-    parser.add_argument('--threshold', type=float, default=0.9, help='accuracy whose first step is marked')
+    parser.add_argument('--threshold', type=float, default=0.9, help='accuracy whose first step is reported')
     parser.add_argument('--title', default='Validation accuracy on digits')
     parser.add_argument('--out', type=Path, default=Path('docs/convergence.png'))
-    args = parser.parse_args()
-    labels = args.labels or [run.name for run in args.runs]
-    if len(labels) != len(args.runs):
-        parser.error(f"{len(labels)} labels for {len(args.runs)} runs")
-    runs = []
-    for run, label in zip(args.runs, labels):
-        tag, steps, values = read_curve(run, args.tag)
-        reached = first_step_reaching(steps, values, args.threshold)
-        print(f"{label}: {tag} reaches {args.threshold:.0%} at step {reached}, best {max(values):.4f} "
-              f"at step {steps[values.index(max(values))]}, last {values[-1]:.4f} at step {steps[-1]}")
-        runs.append((label, steps, values))
+    parser.add_argument('--summary', type=Path, default=None, help='write the statistics to SUMMARY.json and SUMMARY.md')
+    args = parser.parse_args(argv)
+    for model in args.model:
+        if len(model) < 2:
+            parser.error(f"--model {model[0]!r} names no run folder: expected --model LABEL RUN [RUN ...]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    models = [(label, [run_record(Path(run), args.tag, args.threshold) for run in runs])
+              for label, *runs in args.model]
+    summary = summarize(models, args.threshold)
+    print(markdown(summary), end='')
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig = plot(runs, args.threshold, args.title)
+    fig = plot(models, args.threshold, args.title)
     fig.savefig(args.out, dpi=120)
+    plt.close(fig)
     print(f"wrote {args.out}")
+    if args.summary is not None:
+        args.summary.parent.mkdir(parents=True, exist_ok=True)
+        for suffix, text in (('.json', json.dumps(summary, indent=2) + '\n'), ('.md', markdown(summary))):
+            path = args.summary.with_name(args.summary.name + suffix)
+            path.write_text(text)
+            print(f"wrote {path}")
+    return summary
 
 
 if __name__ == '__main__':

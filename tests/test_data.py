@@ -1,6 +1,7 @@
 """Datasets, transforms, the sharded sampler and the schedules."""
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from utils.data_utils import (Augmented, ShardedSampler, UnreadableImage, check_
                               collate_skipping_none, digits_split, get_eval_transform, get_train_transform,
                               imagenet_names, load_split, to_rgb)
 from utils.scheduler import build_scheduler, lr_factor, tau_at
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_digits_split_is_fixed_disjoint_and_complete():
@@ -134,7 +137,8 @@ def test_imagefolder_reports_or_skips_corrupt_files(tmp_path):
     lenient = Augmented(load_split('imagenet', str(tmp_path), train=True, skip_corrupt=True),
                         get_eval_transform(8), seed=0)
     images, labels, skipped = collate_skipping_none([lenient[i] for i in range(len(lenient))])
-    assert skipped == 1 and images.shape == (2, 3, 8, 8) and labels.tolist() == [0, 1]
+    broken = lenient.source.samples.index((str(tmp_path / 'train' / 'dog' / 'broken.png'), 1))
+    assert skipped == [broken] and images.shape == (2, 3, 8, 8) and labels.tolist() == [0, 1]
 
 
 def test_decompression_bombs_are_reported_or_skipped_like_corrupt_files(tmp_path, monkeypatch):
@@ -160,9 +164,12 @@ def test_splits_of_other_class_folders_are_refused(tmp_path):
 
 
 def test_imagenet_wnid_folders_get_readable_names(tmp_path):
-    wnids = [f'n{i:08d}' for i in range(1000)]
+    wnids = (ROOT / 'utils' / 'imagenet_wnids.txt').read_text().split()
     names = imagenet_names(wnids)
     assert len(names) == 1000 and names[0] == 'tench' and names[1] == 'goldfish'
+    assert dict(zip(wnids, names))['n15075141'] == 'toilet tissue'  # the standard last class
+    lookalikes = [f'n{i:08d}' for i in range(1000)]  # 1000 WordNet-id-shaped folders that are not ImageNet-1k
+    assert imagenet_names(lookalikes) == lookalikes
     assert imagenet_names(['cat', 'dog']) == ['cat', 'dog']
     for split in ('train', 'val'):
         for name in ('n01440764', 'n01443537'):

@@ -107,22 +107,19 @@ def test_position_embedding_is_resized_like_the_official_code():
 def test_load_from_lists_missing_keys_and_wrong_shapes():
     config = plain()
     weights = make_official_weights(config, img_size=32, num_classes=5)
-    del weights['cls'], weights['Transformer/encoderblock_1/LayerNorm_2/bias']
+    del weights['embedding/bias'], weights['Transformer/encoderblock_1/LayerNorm_2/bias']
     model = VisionTransformer(config, img_size=32, num_classes=5)
-    with pytest.raises(ValueError, match='missing cls.*missing Transformer/encoderblock_1/LayerNorm_2/bias'):
+    with pytest.raises(ValueError, match='missing embedding/bias; missing Transformer/encoderblock_1/LayerNorm_2/bias'):
         model.load_from(weights)
     wrong = make_official_weights(config, img_size=32, num_classes=9)
-    with pytest.raises(ValueError, match=r'head\.weight'):
+    with pytest.raises(ValueError, match=r'head/kernel: file \(9, 32\) vs model \(5, 32\)'):
         model.load_from(wrong)
     wider = plain()
-    wider.hidden_size = 48
-    wide = make_official_weights(wider, img_size=32, num_classes=5)
-    del wide['cls']
-    with pytest.raises(ValueError) as error:  # another width: every problem in one message, none from numpy
-        model.load_from(wide)
+    wider.hidden_size, wider.transformer.num_layers = 48, 3
+    with pytest.raises(ValueError) as error:  # another width and depth: named in one line, none from numpy
+        model.load_from(make_official_weights(wider, img_size=32, num_classes=5))
     message = str(error.value)
-    assert 'missing cls' in message and 'query/kernel: file (48, 2, 24) does not fit hidden_size 32' in message
-    assert 'encoder_norm.weight: file (48,) vs model (32,)' in message and '\n' not in message
+    assert 'width 48 vs 32, depth 3 vs 2' in message and '--model_type' in message and '\n' not in message
 
 
 def test_tau_is_saved_with_the_weights():

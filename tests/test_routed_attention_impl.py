@@ -37,8 +37,12 @@ def assert_matches_formula(q, k, v, masks, alphas, **kwargs):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize('keep', [True, False], ids=['kept softmaxes', 'recomputed softmaxes'])
 @pytest.mark.parametrize('batch, heads, grid, orders, head_dim, prefix', CASES)
-def test_shared_scores_match_formula_forward_and_backward(batch, heads, grid, orders, head_dim, prefix):
+def test_shared_scores_match_formula_forward_and_backward(monkeypatch, batch, heads, grid, orders, head_dim, prefix,
+                                                          keep):
+    """Both backward paths: small calls keep their softmaxes, larger ones recompute them."""
+    monkeypatch.setattr(shared_scores, 'KEEP_ELEMENTS', 2 ** 20 if keep else 0)
     q, k, v, masks, alphas = inputs(batch, heads, grid, orders, head_dim, prefix)
     assert_matches_formula(q, k, v, masks, alphas)
     assert_matches_formula(q, k, v, masks, alphas, layout=span_layout(masks))
@@ -54,6 +58,17 @@ def test_chunks_of_heads_and_samples_match_formula(monkeypatch, chunk_scores, ex
     q, k, v, masks, alphas = inputs(3, 3, (4, 4), [0, 1, 2], 8)
     assert shared_scores.chunks(q.shape, q.device) == expected_chunks
     assert_matches_formula(q, k, v, masks, alphas)
+
+@pytest.mark.parametrize('keep', [2 ** 20, 0])
+def test_backward_twice_with_retained_graph_gives_the_same_gradients(monkeypatch, keep):
+    """Backward leaves what it reads (kept softmaxes included) as it found it."""
+    monkeypatch.setattr(shared_scores, 'KEEP_ELEMENTS', keep)
+    q, k, v, masks, alphas = inputs(2, 2, (4, 4), [0, 1, 2], 8)
+    out = routed_attention(q, k, v, masks, alphas)
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v, alphas), grad, retain_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(out, (q, k, v, alphas), grad), first, rtol=0, atol=0)
+
 
 def test_empty_batch_gives_empty_output_and_gradients():
     """A batch of no samples (every image of a batch skipped as unreadable) passes through, as plain attention does."""
@@ -119,7 +134,7 @@ def test_binarized_dispatch_matches_formula(monkeypatch, grid, orders, rows):
     choice = torch.arange(6) % len(orders)
     one_hot = F.one_hot(choice, len(orders)).double()
     with torch.no_grad():
-        out = routed_attention(q, k, v, masks, one_hot, grid=grid, orders=orders)
+        out = routed_attention(q, k, v, masks, one_hot, grid=grid, orders=orders, binarized=True)
         without_grid = routed_attention(q, k, v, masks, one_hot)
     torch.testing.assert_close(out, reference_routed_attention(q, k, v, masks, one_hot))
     torch.testing.assert_close(without_grid, reference_routed_attention(q, k, v, masks, one_hot))
@@ -134,7 +149,7 @@ def test_binarized_dispatch_skips_unused_orders(monkeypatch):
                         lambda q, *a, **kw: calls.append(q.shape[2]) or sdpa(q, *a, **kw))
     with torch.no_grad():
         local_only = torch.tensor([[0., 1.], [0., 1.]], dtype=torch.float64)
-        routed_attention(q, k, v, masks, local_only, grid=(4, 4), orders=[0, 1])
+        routed_attention(q, k, v, masks, local_only, grid=(4, 4), orders=[0, 1], binarized=True)
     assert calls == [1]  # only the CLS queries
 
 

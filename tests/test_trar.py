@@ -104,7 +104,7 @@ def test_inference_with_one_hot_weights_computes_each_sample_once():
     choice = torch.tensor([2, 0, 1, 2, 2])
     alphas = torch.nn.functional.one_hot(choice, 3).float()
     with torch.no_grad():
-        out = routed_attention(q, k, v, span_masks(grid, orders), alphas, grid=grid, orders=orders)
+        out = routed_attention(q, k, v, span_masks(grid, orders), alphas, grid=grid, orders=orders, binarized=True)
     expected = reference_routed_attention(q, k, v, reference_masks(*grid, orders), alphas)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 

@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict that loads with `torch.load(path, weights_only=True)`.
 """
-import os
+import pickle
 import random
 from pathlib import Path
 
@@ -10,32 +10,43 @@ import numpy as np
 import torch
 
 from utils.errors import one_line
+from utils.files import write_atomic
+
+# What resuming needs of a checkpoint written by train.py (a hand-edited one may lack some).
+RESUME_KEYS = ('state_dict', 'optimizer', 'scheduler', 'rng', 'step', 'model_type', 'img_size', 'num_classes',
+               'config')
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename: a kill or a power cut
-    mid-write leaves the old file whole. The folder is flushed too, so that the rename itself lasts."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    torch.save(state, tmp)
-    with open(tmp, 'rb') as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if hasattr(os, 'O_DIRECTORY'):  # POSIX; Windows cannot open a folder to flush it
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+    """Write through a temporary file of this process, flushed and renamed (utils.files.write_atomic): a kill,
+    a power cut or a full disk mid-write leaves the old file whole and no partial file behind."""
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def _unpickling_cause(error: Exception) -> str:
+    """Why torch's weights-only loader refused a file: its message's paragraph naming the refused object."""
+    paragraphs = [part.strip() for part in str(error).split('\n\n') if part.strip()]
+    cause = next((part for part in paragraphs[1:] if 'GLOBAL' in part or 'WeightsUnpickler' in part),
+                 paragraphs[1] if len(paragraphs) > 1 else one_line(error))
+    return ' '.join(cause.split())
 
 
 def read(path: str | Path) -> dict:
     """The dict a checkpoint file holds (loaded weights-only, on the CPU), with a one-line error for anything else."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder: expected a checkpoint file, e.g. {path / 'last.ckpt'}")
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): expected a checkpoint written by train.py")
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as error:
+        if 'weights only' not in str(error).lower():
+            raise ValueError(f"{path} is not a readable checkpoint: {one_line(error)}") from None
+        raise ValueError(f"{path} is not a readable checkpoint: it holds objects that only arbitrary code could "
+                         f"load, which is never done: {_unpickling_cause(error)}") from None
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
         raise ValueError(f"{path} is not a readable checkpoint: {one_line(error)}") from None
     if not isinstance(checkpoint, dict):
@@ -43,11 +54,14 @@ def read(path: str | Path) -> dict:
     return checkpoint
 
 
-def load(path: str | Path) -> dict:
-    """A checkpoint written by train.py, with a one-line error for anything else."""
+def load(path: str | Path, required: tuple[str, ...] = ('state_dict',)) -> dict:
+    """A checkpoint written by train.py that has the `required` keys, with a one-line error for anything else."""
     checkpoint = read(path)
     if 'state_dict' not in checkpoint:
         raise ValueError(f"{path} is not a checkpoint of this repository (no 'state_dict')")
+    missing = [key for key in required if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: expected a last.ckpt written by train.py")
     return checkpoint
 
 

@@ -7,15 +7,17 @@ Augmentation randomness is a function of (seed, epoch, sample index) only, so it
 `--num_workers` or the number of processes, and a resumed run sees the same augmented images.
 """
 import logging
-import re
+import os
+import stat
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from utils.errors import one_line
 
@@ -25,6 +27,8 @@ CROP_SCALE = {'flip': (0.05, 1.0), 'crop': (0.5, 1.0)}
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 IMAGENET_NAMES = Path(__file__).parent / 'imagenet_classes.txt'
+IMAGENET_WNIDS = Path(__file__).parent / 'imagenet_wnids.txt'  # the 1000 ImageNet-1k WordNet ids, sorted
+IMAGE_EXTENSIONS = frozenset(IMG_EXTENSIONS)  # what torchvision's ImageFolder reads, for training and test.py
 # torchvision reads them from the downloaded data; these need none.
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
@@ -35,13 +39,70 @@ class UnreadableImage(Exception):
     """An image file that cannot be decoded; the message names the file."""
 
 
+class Skipped(NamedTuple):
+    """What a dataset yields for an unreadable file it skips: the file's index, so that it is counted once."""
+    index: int
+
+
+def image_file_id(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of an image file, None for anything else; links are followed, so a file has one id.
+
+    An image file is a visible file (not `.name`, not macOS `._name`) with an image extension that is a
+    regular file or a link to one: FIFOs, devices and sockets are never opened (reading a FIFO would block
+    forever), and a dangling link is no file.
+    """
+    name = os.path.basename(path)
+    if name.startswith('.') or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISREG(info.st_mode) else None
+
+
+def is_image_file(path: str | Path) -> bool:
+    """Whether training and test.py read `path` as an image (see `image_file_id`)."""
+    return image_file_id(path) is not None
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file, or raise UnreadableImage: one line naming the file and why."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UnreadableImage(f"cannot read image {path}: not a regular file (FIFOs, devices and sockets "
+                                  "are never opened)")
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except Image.DecompressionBombError:
+        raise UnreadableImage(f"cannot read image {path}: it exceeds PIL's pixel limit Image.MAX_IMAGE_PIXELS = "
+                              f"{Image.MAX_IMAGE_PIXELS}, which guards against decompression bombs") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage(f"cannot read image {path}: not an image format PIL can read") from None
+    except FileNotFoundError:
+        raise UnreadableImage(f"cannot read image {path}: no such file") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UnreadableImage(f"cannot read image {path}: damaged or truncated ({one_line(error)})") from None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (L, LA, P, RGBA, CMYK, 16-bit I;16, 32-bit I or F) to 8-bit RGB."""
-    if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
+    """Any PIL mode to 8-bit RGB, keeping the contrast of images of more than 8 bits.
+
+    16-bit modes (I;16*) have a full scale of 65535. 32-bit modes (I, F) have none: their own range,
+    minimum to maximum of the finite values, becomes 0 to 255 (a constant image becomes black, NaN black).
+    """
+    if image.mode.startswith('I;16'):
+        array = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+    elif image.mode in ('I', 'F'):
         array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith('I;16') or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    return image.convert('RGB')
+        finite = array[np.isfinite(array)]
+        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+        array = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+    else:
+        return image.convert('RGB')
+    pixels = np.clip(np.nan_to_num(array, nan=0.0) + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels).convert('RGB')
 
 
 def get_eval_transform(img_size: int) -> Callable:
@@ -101,17 +162,64 @@ class DigitsDataset(Dataset):
         return Image.fromarray(self.images[index], mode='L'), int(self.targets[index])
 
 
-class ImageFiles(Dataset):
-    """An ImageFolder tree read with clear errors: a corrupt file names itself, or is skipped.
+def class_folders(root: Path) -> list[str]:
+    """The class folders of an ImageFolder tree: its visible sub-folders (or links to folders), sorted."""
+    with os.scandir(root) as entries:
+        folders = sorted(entry.name for entry in entries if not entry.name.startswith('.') and entry.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"{root} has no class folders; expected {root}/<class>/<image files>")
+    return folders
 
-    `classes` are readable names (ImageNet-1k's for its WNID folders), `folders` the folder names.
+
+def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """The class folders of an ImageFolder tree and its (image path, label) samples, label i being folder i.
+
+    Images are the files `is_image_file` accepts, in any sub-folder of a class folder. Links to folders are
+    followed, but no real folder is walked twice (the split folder and the class folders count as walked),
+    so a link loop adds nothing; every real file is one sample: a file reached again from its own class is
+    left out, and one reached from two classes is an error, since it would carry two labels.
     """
+    def folder_id(path: str | Path) -> tuple[int, int]:
+        info = os.stat(path)
+        return info.st_dev, info.st_ino
+
+    folders = class_folders(root)
+    walked = {folder_id(root)} | {folder_id(root / name) for name in folders}
+    owner: dict[tuple[int, int], tuple[str, str]] = {}  # each image file's id -> (its class folder, its path)
+    samples = []
+    for label, name in enumerate(folders):
+        found = []
+        for folder, subfolders, files in os.walk(root / name, followlinks=True):
+            ids = {sub: folder_id(os.path.join(folder, sub)) for sub in subfolders}
+            subfolders[:] = [sub for sub in sorted(subfolders) if not sub.startswith('.') and ids[sub] not in walked]
+            walked.update(ids[sub] for sub in subfolders)
+            for path in (os.path.join(folder, file) for file in sorted(files)):
+                file_id = image_file_id(path)
+                if file_id is None:
+                    continue
+                if file_id in owner:  # the same file again
+                    other_class, other_path = owner[file_id]
+                    if other_class != name:
+                        raise ValueError(f"{path} is the file {other_path} of class {other_class!r} too: "
+                                         "expected each image in one class folder")
+                    continue
+                owner[file_id] = (name, path)
+                found.append(path)
+        if not found:
+            raise FileNotFoundError(f"class folder {root / name} has no image files; expected files ending in "
+                                    f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+        samples += [(path, label) for path in sorted(found)]
+    return folders, samples
+
+
+class ImageFiles(Dataset):
+    """An ImageFolder tree (see `scan_image_folder`) read with clear errors: a corrupt file names itself, or is
+    skipped. `classes` are readable names (ImageNet-1k's for its WNID folders), `folders` the folder names."""
 
     def __init__(self, root: Path, skip_corrupt: bool):
-        folder = datasets.ImageFolder(str(root))
-        self.root, self.samples, self.skip_corrupt = root, folder.samples, skip_corrupt
-        self.folders = folder.classes  # the class folder names, sorted: label i is folders[i]
-        self.classes = imagenet_names(folder.classes)
+        self.folders, self.samples = scan_image_folder(root)  # label i is folders[i]
+        self.root, self.skip_corrupt = root, skip_corrupt
+        self.classes = imagenet_names(self.folders)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -119,14 +227,11 @@ class ImageFiles(Dataset):
     def load(self, index: int) -> tuple[Image.Image | None, int]:
         path, target = self.samples[index]
         try:
-            with Image.open(path) as image:
-                image.load()
-                return image.copy(), target
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            return read_image(path), target
+        except UnreadableImage as error:
             if not self.skip_corrupt:
-                raise UnreadableImage(f"cannot read image {path}: {error} "
-                                      "(use --skip_corrupt to skip such files)") from None
-            logger.warning("skipping unreadable image %s: %s", path, error)
+                raise UnreadableImage(f"{error} (use --skip_corrupt to skip such files)") from None
+            logger.warning("skipping %s", error)
             return None, target
 
 
@@ -159,7 +264,7 @@ class Augmented(Dataset):
     def __getitem__(self, index: int):
         image, target = self.source.load(index)
         if image is None:
-            return None
+            return Skipped(index)
         # torchvision's random transforms draw from torch's CPU generator: seed it for this sample only
         # (not torch.manual_seed, which would also reseed the CUDA generators that dropout uses).
         with torch.random.fork_rng(devices=[]):
@@ -167,16 +272,17 @@ class Augmented(Dataset):
             return self.transform(image), target
 
 
-def collate_skipping_none(batch: list, image_shape: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack (image, label) pairs, dropping the None of skipped files: (images, labels, number skipped).
+def collate_skipping_none(batch: list, image_shape: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     list[int]]:
+    """Stack (image, label) pairs, setting aside skipped files: (images, labels, indices of the skipped files).
 
     A batch whose files were all skipped gives an empty (0, *image_shape) tensor; the training loop then
     runs a zero-weighted stand-in, so every process still takes part in DDP's gradient reduction.
     """
-    kept = [item for item in batch if item is not None]
+    kept = [item for item in batch if not isinstance(item, Skipped)]
     images = torch.stack([image for image, _ in kept]) if kept else torch.zeros((0, *image_shape))
     labels = torch.tensor([label for _, label in kept], dtype=torch.long)
-    return images, labels, len(batch) - len(kept)
+    return images, labels, [item.index for item in batch if isinstance(item, Skipped)]
 
 
 def imagenet_1k_names() -> list[str]:
@@ -185,9 +291,10 @@ def imagenet_1k_names() -> list[str]:
 
 
 def imagenet_names(classes: list[str]) -> list[str]:
-    """Readable names for ImageNet-1k's 1000 WNID folders (n01440764, ...), whose sorted order is the
-    standard class index order; any other folder names are kept as they are."""
-    if len(classes) == 1000 and all(re.fullmatch(r'n\d{8}', name) for name in classes):
+    """Readable names for exactly ImageNet-1k's 1000 WNID folders (n01440764, ...; the list ships in
+    utils/imagenet_wnids.txt), whose sorted order is the standard class index order; any other folder
+    names, even 1000 WordNet ids of another selection, are kept as they are."""
+    if list(classes) == IMAGENET_WNIDS.read_text().split():
         return imagenet_1k_names()
     return list(classes)
 
@@ -240,7 +347,7 @@ def class_names(dataset: str, data_dir: str = './data') -> list[str]:
     if dataset == 'imagenet':
         folder = Path(data_dir) / 'val'
         if folder.is_dir():
-            return imagenet_names(datasets.ImageFolder(str(folder)).classes)
+            return imagenet_names(class_folders(folder))
         return imagenet_1k_names()
     return list(load_split(dataset, data_dir, train=False).classes)
 

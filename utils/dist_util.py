@@ -47,6 +47,14 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
+def raise_first_error(error: BaseException | None) -> None:
+    """Raise on every process the error of the lowest rank that had one, so that all stop with the same message
+    (a collective: every process calls it, with None when it has no error). Also a barrier."""
+    first = next((e for e in all_gather_objects(error) if e is not None), None)
+    if first is not None:
+        raise first
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -3,7 +3,7 @@ import math
 import resource
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -87,8 +87,20 @@ class RunState:
     best_acc: float = 0.0
     final_acc: float | None = None
     seconds: float = 0.0
-    skipped_images: int = 0
     val_images: int = 0  # images counted by the last evaluation
+    # Indices of the unreadable files skipped (--skip_corrupt) by any process: each file counts once.
+    skipped_train: list[int] = field(default_factory=list)
+    skipped_val: list[int] = field(default_factory=list)
+
+    @property
+    def skipped_images(self) -> int:
+        return len(self.skipped_train) + len(self.skipped_val)
+
+
+def add_skipped(known: list[int], local: list[int]) -> None:
+    """Add to `known` (in place) the skipped file indices that any process saw, `local` being this process's."""
+    for indices in dist_util.all_gather_objects(local):
+        known.extend(sorted(set(indices) - set(known)))
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
@@ -100,16 +112,21 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     (DDP averages over processes and synchronises on the last micro-batch only), so the step's gradient
     is the mean over the global batch however it is split. Then: unscale, clip, optimizer, scheduler.
     `on_step(loss, lr)` gets the global batch's mean loss and the learning rate of the step after every step;
-    `state.skipped_images` counts the files skipped by all processes.
+    `state.skipped_train` lists the files skipped by all processes. A global batch of only unreadable files
+    stops the run with a ValueError (it would train on nothing).
     """
     distributed = isinstance(model, DistributedDataParallel)
     device = next(model.parameters()).device
-    step_totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, skipped files: over processes
+    # Over processes: loss sum, readable images, newly skipped files.
+    step_totals = torch.zeros(3, device=device, dtype=torch.float64)
+    step_skipped: list[int] = []
     model.train()
     if set_tau is not None:
         set_tau(state.step)
     for micro_step, (images, labels, skipped) in enumerate(loader, start=1):
-        step_totals[1] += skipped
+        new = [index for index in skipped if index not in state.skipped_train]
+        step_skipped += new
+        step_totals[1:] += torch.tensor([len(labels), len(new)], dtype=torch.float64)
         images = images.to(device=device, dtype=precision.model_dtype, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         weight = 1.0
@@ -124,10 +141,15 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         step_totals[0] += loss.detach()
         if not last_micro:
             continue
-        loss_sum, skipped_sum = dist_util.all_reduce_sum(step_totals).tolist()
+        loss_sum, readable, newly_skipped = dist_util.all_reduce_sum(step_totals).tolist()
         step_totals.zero_()
+        if newly_skipped:
+            add_skipped(state.skipped_train, step_skipped)
+        step_skipped = []
+        if not readable:
+            raise ValueError(f"step {state.step + 1}: no image of its global batch could be read (all skipped by "
+                             "--skip_corrupt): expected readable training images")
         mean_loss = loss_sum / (accumulation * dist_util.get_world_size())
-        state.skipped_images += int(skipped_sum)
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"non-finite loss {mean_loss} at step {state.step + 1}")
         lr = optimizer.param_groups[0]['lr']  # this step's: the scheduler moves on to the next one's
@@ -143,28 +165,57 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     return False
 
 
+@dataclass
+class Evaluation:
+    """What `evaluate` measures over a validation set (every process's shard together)."""
+    accuracy: float  # top-1
+    top5: float  # the true class among the 5 highest logits (among all of them when there are fewer)
+    loss: float  # mean cross-entropy
+    images: int
+    routing: list[list[float]] | None = None  # routed models: mean routing weight per layer and order
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, precision: Precision) -> tuple[float, float, int]:
-    """Top-1 accuracy, mean loss and number of images over the validation set: each process's shard, summed."""
+def evaluate(model: torch.nn.Module, loader: DataLoader, precision: Precision,
+             skipped: list[int] | None = None) -> Evaluation:
+    """Top-1 and top-5 accuracy, mean loss, number of images and (routed models) mean routing weights.
+
+    Each process evaluates its shard; the sums are reduced over processes, so every image counts once.
+    `skipped`, if given, gets the indices of the unreadable files that any process skipped, each once.
+    """
     model.eval()
     device = next(model.parameters()).device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, count, loss sum
-    for images, labels, _ in loader:
+    routed = getattr(model, 'is_routed', False)
+    routing_shape = (model.config.transformer.num_layers, len(model.config.transformer.orders)) if routed else (0, 0)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, count, loss sum
+    routing = torch.zeros(routing_shape, dtype=torch.float64, device=device)  # summed over images
+    local_skipped = []
+    for images, labels, batch_skipped in loader:
+        if skipped is not None:
+            local_skipped += batch_skipped
         if len(labels) == 0:  # every file of this batch was skipped
             continue
         images = images.to(device=device, dtype=precision.model_dtype, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with precision.autocast():
             logits = model(images).float()
-        totals[0] += (logits.argmax(-1) == labels).sum()
-        totals[1] += len(labels)
-        totals[2] += F.cross_entropy(logits, labels, reduction='sum')
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        totals[0] += (top[:, 0] == labels).sum()
+        totals[1] += (top == labels[:, None]).any(dim=-1).sum()
+        totals[2] += len(labels)
+        totals[3] += F.cross_entropy(logits, labels, reduction='sum')
+        if routed:
+            routing += model.routing_weights().double().sum(dim=1)  # (layers, batch, orders) -> (layers, orders)
     dist_util.all_reduce_sum(totals)
+    dist_util.all_reduce_sum(routing)
+    if skipped is not None:
+        add_skipped(skipped, local_skipped)
     model.train()
-    correct, count, loss_sum = totals.tolist()
+    correct, correct5, count, loss_sum = totals.tolist()
     if count == 0:
         raise ValueError("the validation set has no readable images")
-    return correct / count, loss_sum / count, int(count)
+    return Evaluation(correct / count, correct5 / count, loss_sum / count, int(count),
+                      (routing / count).tolist() if routed else None)
 
 
 def peak_memory_mib(device: torch.device) -> float:

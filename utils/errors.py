@@ -1,4 +1,17 @@
-"""Error messages as one line, for the command-line tools' `error: ...` output."""
+"""Error messages as one line, for the command-line tools' `error: ...` output, once per run."""
+import json
+import os
+import signal
+import sys
+import time
+
+
+class RunError(Exception):
+    """An expected failure (bad input, a full disk, an interrupt): one line on stderr and exit status `code`."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 def one_line(error: BaseException, limit: int | None = 300) -> str:
@@ -13,3 +26,39 @@ def one_line(error: BaseException, limit: int | None = 300) -> str:
         text = last.partition(': ')[2] or last
     text = text.splitlines()[0]
     return text if limit is None or len(text) <= limit else text[:limit] + ' ...'
+
+
+def stop_at_first_interrupt():
+    """Handle SIGINT in this process: the first Ctrl-C raises KeyboardInterrupt, later ones (a second Ctrl-C, or
+    torchrun passing it on) are ignored, so that the stopping run can still say where its state is. Processes
+    forked from this one (DataLoader workers) ignore it: this process stops them. Returns the previous handler."""
+    owner = os.getpid()
+
+    def handler(signum, frame) -> None:
+        if os.getpid() != owner:  # a forked DataLoader worker
+            return
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGINT, handler)
+
+
+LAUNCHED_ENV = 'TRAR_ONE_LINE_LAUNCHER'  # set by utils/launch.py, which prints the first failed process's line
+ONE_LINE_MARK = 'one_line'  # marks an error file written by `exit_with`
+
+
+def exit_with(message: str, code: int = 1) -> None:
+    """End this process with `error: message` on stderr and exit status `code`.
+
+    A process started by torchrun leaves the message in its error file instead, where the launcher finds it:
+    utils/launch.py (train.sh) prints the first process's, once, as the last line; plain torchrun lists every
+    failed process's in its report, and the process of rank 0 prints its own too.
+    """
+    error_file = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    if error_file:
+        with open(error_file, 'w') as file:
+            info = {'timestamp': str(int(time.time())), 'exitcode': code, ONE_LINE_MARK: True}
+            json.dump({'message': {'message': message, 'extraInfo': info}}, file)
+    if not error_file or (not os.environ.get(LAUNCHED_ENV) and os.environ.get('RANK', '0') == '0'):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)

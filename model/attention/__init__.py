@@ -1,7 +1,8 @@
 """Implementations of routed attention, one file each; `model.trar.routed_attention` picks one.
 
 - `shared_scores`: one score matrix shared by every order, a custom autograd Function (CPU; any device).
-- `dense`: one fused masked SDPA per order (training with attention dropout) and the explicit mixed map
-  (pictures).
+- `flex`: flash SDPA for the global orders and one FlexAttention call for the local ones (CUDA).
+- `dense`: one fused masked SDPA per order (training with attention dropout; any device) and the explicit mixed
+  map (pictures).
 - `banded`: binarized inference, each image computing only the span its router chose.
 """

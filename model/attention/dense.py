@@ -1,7 +1,8 @@
 """Routed attention order by order: one fused masked SDPA per order, and the explicit mixed map.
 
 `dense_routed_attention` is what training with attention dropout runs (dropout acts on each order's
-map); `routed_attention_maps` builds the (B, H, N, N) mixed map itself, for pictures.
+map) and the `dense` implementation of routed attention; `routed_attention_maps` builds the (B, H, N, N) mixed map
+itself, for pictures.
 """
 import math
 

@@ -1,0 +1,140 @@
+"""What a run's routers learned, over a dataset: one picture of the mean routing weight per layer and order.
+
+    python scripts/plot_routing.py output/demo_trar_seed1 --out docs/routing_layers.png
+
+Left: a layers x orders heatmap of the mean routing weight over the validation set, from the run's
+checkpoint (`last.ckpt`, the trained model, unless `--ckpt` names another). Right: per layer, how the
+weights moved during training, from the `routing/layerLL_orderO` scalars train.py writes to TensorBoard
+(the mean over the training batch of every 10th step). It is the dataset-level counterpart of the
+per-image picture `test.py --routing_plot` draws. The mean weights are also printed and, with
+`--json PATH`, written to a file.
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model.modeling import VisionTransformer  # noqa: E402
+from plot_curves import read_scalars  # noqa: E402
+from utils import checkpoint as checkpoints  # noqa: E402
+from utils.data_utils import Augmented, collate_skipping_none, get_eval_transform, load_split  # noqa: E402
+from utils.engine import Precision, evaluate  # noqa: E402
+from utils.visualize import _draw_routing, order_label  # noqa: E402
+
+ROUTING_TAG = re.compile(r'routing/layer(\d+)_order(\d+)$')
+
+
+def load_trained(path: Path) -> tuple[VisionTransformer, dict]:
+    """The model a train.py checkpoint holds, in eval mode, and the checkpoint."""
+    checkpoint = checkpoints.load(path)
+    model = VisionTransformer(ml_collections.ConfigDict(checkpoint['config']), checkpoint['img_size'],
+                              checkpoint['num_classes'])
+    model.load_state_dict(checkpoint['state_dict'])
+    if not model.is_routed:
+        raise SystemExit(f"plot_routing.py: error: {path} holds a plain ViT (no orders): it has no routing to show")
+    return model.eval(), checkpoint
+
+
+def mean_routing_weights(model: VisionTransformer, loader: DataLoader) -> tuple[np.ndarray, float]:
+    """(layers, orders) routing weights averaged over every image `loader` yields, and the top-1 accuracy."""
+    result = evaluate(model, loader, Precision('cpu'))
+    return np.array(result.routing), result.accuracy
+
+
+def validation_loader(args: dict, img_size: int, batch_size: int) -> DataLoader:
+    """The run's validation set with training's evaluation transform."""
+    images = load_split(args['dataset'], args.get('data_dir', './data'), False, args.get('skip_corrupt', False))
+    dataset = Augmented(images, get_eval_transform(img_size), args.get('seed', 0))
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping_none, num_workers=0)
+
+
+def routing_history(run_dir: Path) -> dict[int, dict[int, tuple[list[int], list[float]]]]:
+    """layer -> order -> (steps, mean weight over that step's training batch), from TensorBoard."""
+    history: dict[int, dict[int, tuple[list[int], list[float]]]] = {}
+    for tag, curve in read_scalars(run_dir).items():
+        match = ROUTING_TAG.match(tag)
+        if match:
+            history.setdefault(int(match[1]), {})[int(match[2])] = curve
+    if not history:
+        raise SystemExit(f"plot_routing.py: error: {run_dir} has no routing/layerLL_orderO scalars: not a routed run")
+    return dict(sorted(history.items()))
+
+
+def routing_layers_figure(weights: np.ndarray, orders: list[int],
+                          history: dict[int, dict[int, tuple[list[int], list[float]]]], title: str = '') -> plt.Figure:
+    """Left the (layers, orders) heatmap of `weights`, right one panel per layer of its weights over training."""
+    layers = weights.shape[0]
+    fig = plt.figure(figsize=(12, max(4.2, 1.5 * layers + 1)))
+    grid = fig.add_gridspec(layers, 2, width_ratios=[1, 1.6], wspace=0.3)
+    heatmap = fig.add_subplot(grid[:, 0])
+    _draw_routing(fig, heatmap, weights, orders)
+    heatmap.set_title('mean routing weight over the validation set', fontsize=10)
+    colors = plt.get_cmap('viridis')(np.linspace(0, 0.85, len(orders)))
+    first = None
+    for layer in range(layers):
+        ax = fig.add_subplot(grid[layer, 1], sharex=first, sharey=first)
+        first = first or ax
+        for order, color in zip(orders, colors):
+            steps, values = history[layer][order]
+            ax.plot(steps, values, color=color, linewidth=1.2, label=f'order {order} ({order_label(order)})')
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f'layer {layer}', fontsize=9)
+        ax.grid(alpha=0.3)
+        if layer == 0:
+            ax.set_title('routing weights during training (mean over the training batch)', fontsize=10)
+            ax.legend(loc='upper left', fontsize=8, ncol=len(orders))
+        if layer < layers - 1:
+            ax.tick_params(labelbottom=False)
+    ax.set_xlabel('training step')
+    if title:
+        fig.suptitle(title, fontsize=12)
+    fig.subplots_adjust(left=0.08, right=0.97, top=0.86 if title else 0.92, bottom=0.1)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> np.ndarray:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('run', type=Path, help="a routed run's output folder (checkpoint and TensorBoard logs)")
+    parser.add_argument('--ckpt', type=Path, default=None, help='the model to evaluate (default: RUN/last.ckpt)')
+    parser.add_argument('--out', type=Path, default=Path('docs/routing_layers.png'))
+    parser.add_argument('--json', type=Path, default=None, help='also write the mean weights here')
+    parser.add_argument('--batch_size', type=int, default=256)
+    args = parser.parse_args(argv)
+    ckpt = args.ckpt or args.run / 'last.ckpt'
+    try:
+        model, checkpoint = load_trained(ckpt)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"plot_routing.py: error: {error}") from None
+    orders = list(model.config.transformer.orders)
+    run_args = checkpoint.get('args', {})
+    weights, accuracy = mean_routing_weights(model, validation_loader(run_args, checkpoint['img_size'], args.batch_size))
+    print(f"{ckpt}: step {checkpoint.get('step')}, validation accuracy {accuracy:.2%}; mean routing weights:")
+    history = routing_history(args.run)
+    for layer, row in enumerate(weights):
+        print(f"layer {layer}: " + ', '.join(f"order {o} ({order_label(o)}) {w:.3f}" for o, w in zip(orders, row)))
+    title = f"What the routers of {args.run.name} learned ({run_args.get('dataset', '?')}, seed {run_args.get('seed', '?')})"
+    fig = routing_layers_figure(weights, orders, history, title)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {args.out}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({'checkpoint': str(ckpt), 'step': checkpoint.get('step'),
+                                         'accuracy': accuracy, 'orders': orders,
+                                         'mean_routing_weights': weights.tolist()}, indent=2) + '\n')
+    return weights
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,420 @@
+"""Hostile inputs and faults: nothing is replaced unasked, no file changes labels or hangs a run, one line per error."""
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from model.config import get_config, validate_config
+from model.modeling import VisionTransformer
+from train_helpers import ROOT, run_train, tiny_args
+from utils import checkpoint as checkpoints
+from utils import data_utils
+from utils.data_utils import UnreadableImage, read_image, scan_image_folder, to_rgb
+from utils.errors import RunError
+from utils.files import RunFolder, remove_stale_temporaries
+
+ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+def last_error_line(stderr: str) -> str:
+    """The one line a failed command ends with; also checks that no traceback came before it."""
+    assert 'Traceback' not in stderr, stderr[-3000:]
+    assert stderr.count('error: ') == 1, stderr[-3000:]
+    return stderr.strip().splitlines()[-1]
+
+
+def image_tree(root: Path, classes=('cat', 'dog'), per_class: int = 4, size: int = 8) -> Path:
+    """A tiny ImageFolder split: `per_class` random PNGs per class folder."""
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / name / f'{index}.png')
+    return root
+
+
+def dead_pid() -> int:
+    """A process id that no process has now."""
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Nothing is lost
+
+
+def test_a_second_run_of_one_name_is_refused_and_overwrite_replaces_it_whole(tmp_path):
+    train.main(tiny_args(tmp_path, 'run', steps=1))
+    folder = tmp_path / 'run'
+    before = {name: (folder / name).read_bytes() for name in ('best.ckpt', 'last.ckpt', 'results.json')}
+    with pytest.raises(ValueError) as refused:
+        train.main(tiny_args(tmp_path, 'run', '--seed', '1', steps=1))
+    assert str(refused.value) == (
+        f"run folder {folder} already holds a run (best.ckpt, last.ckpt, results.json): continue it with "
+        f"--resume_path {folder / 'last.ckpt'}, choose another --name, or pass --overwrite to replace it")
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert len(list(folder.glob('events.out.tfevents.*'))) == 1
+
+    train.main(tiny_args(tmp_path, 'run', '--seed', '1', '--overwrite', steps=1))
+    assert (folder / 'last.ckpt').read_bytes() != before['last.ckpt']
+    assert len(list(folder.glob('events.out.tfevents.*'))) == 1  # the old logs went with the old run
+    assert torch.load(folder / 'last.ckpt', weights_only=True)['args']['seed'] == 1
+
+
+def test_a_plain_second_train_sh_does_not_replace_the_first(tmp_path):
+    env = {**ONE_THREAD, 'DATASET': 'digits', 'MODEL_TYPE': 'testing', 'IMG_SIZE': '32', 'TRAIN_BATCH_SIZE': '16',
+           'NUM_STEPS': '1', 'WARMUP_STEPS': '0', 'PRETRAINED_DIR': 'none', 'CUDA_VISIBLE_DEVICES': ''}
+    env.pop('NAME', None)
+    (tmp_path / 'digits_vit_trar').mkdir()  # where `bash train.sh` puts a digits run: a first run's results
+    (tmp_path / 'digits_vit_trar' / 'results.json').write_text('{"best_acc": 0.97}')
+    results = (tmp_path / 'digits_vit_trar' / 'results.json').read_bytes()
+    second = subprocess.run(['bash', 'train.sh', '--output_dir', str(tmp_path), '--num_workers', '0'],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 1
+    assert 'already holds a run' in last_error_line(second.stderr)
+    assert (tmp_path / 'digits_vit_trar' / 'results.json').read_bytes() == results
+
+
+def test_one_folder_one_run_and_stale_temporary_files_are_cleaned(tmp_path):
+    folder = tmp_path / 'locked'
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, '-c', (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); f.write('4242'); "
+        "f.flush(); print('held', flush=True); time.sleep(120)"), str(folder / '.lock')],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(ValueError, match=f'run folder {folder} is in use by process 4242: expected one run'):
+            RunFolder(folder)
+    finally:
+        holder.kill()
+        holder.wait()
+    stale, live = folder / f'.last.{dead_pid()}.tmp.ckpt', folder / f'.last.{os.getpid()}.tmp.ckpt'
+    unnamed = folder / '.best.ckpt.tmp'  # written before temporary files were named by their writer
+    for path in (stale, live, unnamed):
+        path.write_bytes(b'half a checkpoint')
+    run = RunFolder(folder)  # the lock died with its process
+    assert not stale.exists() and not unnamed.exists() and live.exists()
+    assert remove_stale_temporaries(folder) == []
+    run.release()
+
+
+def test_a_full_disk_stops_with_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    written = []
+
+    def full_disk(state, path):
+        Path(path).write_bytes(b'the first bytes')
+        written.append(Path(path))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(RunError) as error:
+        train.main(tiny_args(tmp_path, 'full', steps=1))
+    folder = tmp_path / 'full'
+    assert re.fullmatch(rf"cannot write {re.escape(str(folder))}/(best|last)\.ckpt: No space left on device; "
+                        "no checkpoint was written yet", str(error.value))
+    assert written and not any(path.exists() for path in written)
+    assert not (folder / 'best.ckpt').exists() and not (folder / 'last.ckpt').exists()
+
+
+def test_the_output_folder_is_checked_before_the_data(tmp_path):
+    (tmp_path / 'file').write_text('a file, not a folder')
+    missing_data = ['--dataset', 'imagenet', '--data_dir', str(tmp_path / 'no_data')]
+    with pytest.raises(ValueError, match=f"output folder {tmp_path / 'file'} is a file: expected a folder"):
+        train.main(tiny_args(tmp_path / 'file', 'x', *missing_data))
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / 'read_only').mkdir(mode=0o500)
+        with pytest.raises(ValueError, match='is not writable: Permission denied'):
+            train.main(tiny_args(tmp_path / 'read_only', 'x', *missing_data))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 and 3. Data folders: no file changes the labels or hangs the run
+
+
+def test_links_loops_hidden_and_special_files_never_change_the_samples(tmp_path):
+    split = image_tree(tmp_path / 'train')
+    expected = scan_image_folder(split)
+    os.symlink('..', split / 'cat' / 'up')  # a loop through the split folder
+    os.symlink('.', split / 'dog' / 'self')  # a loop onto itself
+    os.symlink(split / 'cat' / '0.png', split / 'cat' / 'again.png')  # the same file twice in its class
+    os.symlink(split / 'dog' / 'gone.png', split / 'dog' / 'dangling.png')
+    (split / 'cat' / '._0.png').write_bytes(b'macOS resource fork')
+    (split / '.hidden_class').mkdir()
+    Image.new('RGB', (8, 8)).save(split / '.hidden_class' / 'a.png')
+    os.mkfifo(split / 'dog' / 'pipe.png')  # opening it would block forever
+    signal.alarm(20)  # fail instead of hanging
+    try:
+        folders, samples = scan_image_folder(split)
+    finally:
+        signal.alarm(0)
+    assert folders == ['cat', 'dog']
+    real = sorted((os.path.realpath(path), label) for path, label in samples)
+    assert real == sorted((os.path.realpath(path), label) for path, label in expected[1])
+    assert len(samples) == 8
+
+    elsewhere = image_tree(tmp_path / 'pool', classes=('x',), per_class=1)
+    os.symlink(elsewhere / 'x' / '0.png', split / 'cat' / 'linked.png')  # a link to a regular file elsewhere: read
+    assert len(scan_image_folder(split)[1]) == 9
+    os.symlink(split / 'cat' / '1.png', split / 'dog' / 'stolen.png')
+    with pytest.raises(ValueError, match=r"stolen\.png is the file .*cat/1\.png of class 'cat' too: expected each"):
+        scan_image_folder(split)
+
+
+def test_test_py_reads_the_files_training_reads(tmp_path):
+    """Hidden files and special files are skipped by both; a FIFO named as the image is refused, not opened."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('predict_cli', ROOT / 'test.py')
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    folder = image_tree(tmp_path / 'train', classes=('a',), per_class=2) / 'a'
+    (folder / '._0.png').write_bytes(b'macOS resource fork')
+    os.mkfifo(folder / 'pipe.png')
+    trained = [path for path, _ in scan_image_folder(folder.parent)[1]]
+    assert [str(path) for path in cli.image_paths(folder)] == trained
+    with pytest.raises(cli.InputError, match=r'pipe\.png: not a regular file'):
+        cli.read_image(folder / 'pipe.png')
+
+
+def test_routing_plots_never_overwrite_an_input_or_each_other_and_are_checked_first(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('predict_cli', ROOT / 'test.py')
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    images = [tmp_path / name for name in ('a.jpg', 'a.png', 'b.png')]
+    for image in images:
+        Image.new('RGB', (8, 8)).save(image)
+    plots = cli.plot_paths(str(tmp_path / 'out' / 'r.png'), images)
+    assert {image.name: plot.name for image, plot in plots.items()} == {
+        'a.jpg': 'r_a.jpg.png', 'a.png': 'r_a.png.png', 'b.png': 'r_b.png'}
+    before = images[1].read_bytes()
+    (tmp_path / 'file').write_text('not a folder')
+    missing = tmp_path / 'missing.ckpt'  # the plot is refused before any model is loaded
+    for plot, message in ((images[1], f'the picture of {images[1]} would overwrite the input image'),
+                          (tmp_path / 'r.xyz', r"r\.xyz: expected a file name ending in one of .*\.png"),
+                          (tmp_path / 'file' / 'r.png', f"cannot write in {tmp_path / 'file'}")):
+        status = cli.main(['--ckpt', str(missing), '--image', str(images[1]), '--routing_plot', str(plot)])
+        err = capsys.readouterr().err.splitlines()
+        assert status == 1 and len(err) == 1 and re.search(message, err[0]), err
+    assert images[1].read_bytes() == before
+
+
+def test_skipped_files_count_once_over_epochs_and_validation_too(tmp_path):
+    data = tmp_path / 'data'
+    image_tree(data / 'train', size=32)
+    image_tree(data / 'val', per_class=2, size=32)
+    (data / 'train' / 'cat' / 'broken.png').write_bytes(b'not a picture')
+    (data / 'val' / 'dog' / 'broken.png').write_bytes(b'not a picture either')
+    args = tiny_args(tmp_path, 'skip', '--dataset', 'imagenet', '--data_dir', str(data), '--skip_corrupt',
+                     '--eval_every', '2', steps=6, batch=3)  # 3 steps an epoch: every file is read twice or more
+    results = train.main(args)
+    assert results['skipped_images'] == 2 and results['val_images'] == 4
+
+    for path in (data / 'train').rglob('*.png'):
+        path.write_bytes(b'unreadable')
+    with pytest.raises(ValueError, match=r'step 1: no image of its global batch could be read'):
+        train.main(tiny_args(tmp_path, 'none', '--dataset', 'imagenet', '--data_dir', str(data), '--skip_corrupt',
+                             steps=2, batch=3))
+
+
+@pytest.mark.parametrize('mode', ['F', 'I'])
+def test_32_bit_images_keep_their_contrast(mode):
+    """The image's own range becomes 0-255, as numpy computes it independently."""
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0.2, 0.7, (6, 5)) if mode == 'F' else rng.integers(-70_000, 3_000_000, (6, 5))
+    image = Image.fromarray(values.astype(np.float32 if mode == 'F' else np.int32), mode=mode)
+    pixels = np.asarray(image, dtype=np.float64)
+    expected = np.floor((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255 + 0.5).astype(np.uint8)
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (6, 5, 3) and (rgb == expected[..., None]).all()
+    assert rgb.min() == 0 and rgb.max() == 255
+
+
+def test_a_decompression_bomb_is_named_as_such(tmp_path, monkeypatch):
+    Image.new('RGB', (10, 10)).save(tmp_path / 'huge.png')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 10)
+    with pytest.raises(UnreadableImage, match=r"huge\.png: it exceeds PIL's pixel limit Image\.MAX_IMAGE_PIXELS = 10"):
+        read_image(tmp_path / 'huge.png')
+
+
+def test_imagenet_names_need_the_real_imagenet_classes():
+    wnids = data_utils.IMAGENET_WNIDS.read_text().split()
+    assert len(set(wnids)) == 1000 and wnids == sorted(wnids) and wnids[0] == 'n01440764'
+    assert data_utils.imagenet_names(wnids)[0] == 'tench'
+    assert data_utils.imagenet_names(wnids[:-1] + ['n99999999']) == wnids[:-1] + ['n99999999']
+
+
+# ---------------------------------------------------------------------------------------------
+# 4 and 5. Config values, checkpoints, precision flags: one clear line
+
+
+@pytest.mark.parametrize('assignment, message', [
+    ('hidden_size=0', 'hidden_size 0: expected a positive integer'),
+    ('transformer.num_layers=-2', 'transformer.num_layers -2: expected a positive integer'),
+    ('transformer.mlp_dim=0', 'transformer.mlp_dim 0: expected a positive integer'),
+    ('patches.size=0', r'patches.size \(0, 0\): expected two positive integers'),
+    ('transformer.num_heads=3', 'transformer.num_heads 3: expected a divisor of hidden_size 32'),
+    ('transformer.dropout_rate=nan', 'transformer.dropout_rate nan: expected a number in'),
+    ('transformer.attention_dropout_rate=1', r'attention_dropout_rate 1\.0: expected a number in \[0, 1\)'),
+    ('transformer.tau_max=inf', 'transformer.tau_max inf: expected a finite positive number'),
+    ('transformer.tau_min=-1', 'transformer.tau_min -1.0: expected a finite positive number'),
+    ('representation_size=0', 'representation_size 0: expected a positive integer'),
+])
+def test_invalid_config_values_are_named(tmp_path, assignment, message):
+    with pytest.raises(ValueError, match=message):
+        train.build_config(train.get_args(tiny_args(tmp_path, 'x', '--set', assignment)))
+
+
+def test_the_model_checks_its_config_too():
+    config = get_config('testing')
+    config.transformer.num_heads = 5
+    with pytest.raises(ValueError, match='num_heads 5: expected a divisor of hidden_size 32'):
+        VisionTransformer(config, img_size=32)
+    assert validate_config(get_config('ViT-B_16')).hidden_size == 768
+
+
+def test_representation_size_adds_the_pre_logits_layer():
+    """Dense + tanh between the CLS feature and the head (vit_jax's pre_logits), checked in float64 numpy."""
+    config = get_config('testing')
+    config.representation_size = 24
+    torch.manual_seed(0)
+    model = VisionTransformer(config, img_size=32, num_classes=7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x).double().numpy()
+        feature = model.transformer(x)[0][:, 0].double().numpy()
+    weights = {name: value.double().numpy() for name, value in model.state_dict().items()}
+    hidden = np.tanh(feature @ weights['pre_logits.fc.weight'].T + weights['pre_logits.fc.bias'])
+    np.testing.assert_allclose(logits, hidden @ weights['head.weight'].T + weights['head.bias'], rtol=1e-5, atol=1e-6)
+    assert weights['head.weight'].shape == (7, 24)
+    assert not any('pre_logits' in key for key in VisionTransformer(get_config('testing'), 32).state_dict())
+
+
+def test_checkpoint_messages_say_what_is_wrong(tmp_path):
+    (tmp_path / 'empty.ckpt').write_bytes(b'')
+    with pytest.raises(ValueError, match=r'empty\.ckpt is empty \(0 bytes\): expected a checkpoint'):
+        checkpoints.load(tmp_path / 'empty.ckpt')
+    with pytest.raises(ValueError, match=f'checkpoint {tmp_path} is a folder: expected a checkpoint file'):
+        checkpoints.load(tmp_path)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ('true',))
+
+    torch.save({'state_dict': Payload()}, tmp_path / 'pickle.ckpt')
+    with pytest.raises(ValueError) as refused:
+        checkpoints.load(tmp_path / 'pickle.ckpt')
+    message = str(refused.value)
+    assert 'only arbitrary code could load, which is never done' in message and 'system' in message
+    assert '\n' not in message
+
+    torch.save({'state_dict': {}, 'step': 3}, tmp_path / 'edited.ckpt')  # a hand-edited checkpoint
+    with pytest.raises(ValueError, match=r'edited\.ckpt lacks optimizer, scheduler, rng, .*: expected a last\.ckpt'):
+        train.main(tiny_args(tmp_path, 'edited', '--resume_path', str(tmp_path / 'edited.ckpt')))
+
+
+def test_precision_flags_that_would_do_nothing_or_run_slowly_are_said(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(tiny_args(tmp_path, 'x', '--amp_dtype', 'bf16'))
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        'error: --amp_dtype bf16 takes effect only with --fp16: expected --fp16 --amp_dtype bf16, or no '
+        '--amp_dtype for float32')
+    with pytest.raises(FileNotFoundError):  # the warning comes first, before the data is looked for
+        train.main(tiny_args(tmp_path, 'cpu16', '--fp16', '--amp_dtype', 'bf16', '--dataset', 'imagenet',
+                             '--data_dir', str(tmp_path / 'no_data')))
+    assert 'warning: --fp16 on a CPU: autocast there runs slower than float32' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: Ctrl-C and torchrun end with one line
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while not path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), process.communicate()[1][-3000:]
+
+
+def test_ctrl_c_with_loader_workers_says_where_the_last_good_state_is(tmp_path):
+    args = tiny_args(tmp_path, 'stop', '--num_workers', '2', '--eval_every', '2', steps=10_000)
+    run = subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, env=ONE_THREAD, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for(tmp_path / 'stop' / 'last.ckpt', run)
+    os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the process and its loader workers
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130
+    line = last_error_line(stderr)
+    last = tmp_path / 'stop' / 'last.ckpt'
+    step = torch.load(last, weights_only=True)['step']
+    assert line.startswith('error: interrupted at step ')
+    assert line.endswith(f"{last} holds the last good state (step {step}): continue with --resume_path")
+
+
+def test_under_torchrun_a_failure_and_ctrl_c_end_with_one_line(tmp_path):
+    launcher = [sys.executable, '-m', 'utils.launch', '--standalone', '--nproc_per_node=2']
+    torch.save({'state_dict': {}}, tmp_path / 'edited.ckpt')
+    failed = run_train(tiny_args(tmp_path, 'bad', '--resume_path', str(tmp_path / 'edited.ckpt')),
+                       launcher=launcher, env=ONE_THREAD)
+    assert failed.returncode == 1
+    assert last_error_line(failed.stderr) == (f"error: {tmp_path / 'edited.ckpt'} lacks optimizer, scheduler, rng, "
+                                              "step, model_type, img_size, num_classes, config: expected a last.ckpt "
+                                              "written by train.py")
+
+    args = tiny_args(tmp_path, 'stop', '--eval_every', '2', steps=10_000)
+    run = subprocess.Popen([*launcher, 'train.py', *args], cwd=ROOT, env=ONE_THREAD, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for(tmp_path / 'stop' / 'last.ckpt', run)
+    os.killpg(run.pid, signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130
+    line = last_error_line(stderr)
+    assert line.startswith('error: interrupted at step ') and 'holds the last good state' in line
+
+
+@pytest.mark.parametrize('env, printed', [({}, True), ({'RANK': '0'}, True), ({'RANK': '1'}, False),
+                                          ({'RANK': '0', 'TRAR_ONE_LINE_LAUNCHER': '1'}, False)])
+def test_a_process_under_torchrun_leaves_its_line_to_the_launcher(tmp_path, env, printed):
+    error_file = tmp_path / 'error.json'
+    done = subprocess.run([sys.executable, '-c', "from utils.errors import exit_with; exit_with('bad value 3', 7)"],
+                          cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, 'TORCHELASTIC_ERROR_FILE': str(error_file), **env})
+    assert done.returncode == 7 and done.stderr == ('error: bad value 3\n' if printed else '')
+    assert json.loads(error_file.read_text())['message']['message'] == 'bad value 3'
+
+
+def test_the_launcher_reports_the_first_failure_and_rank_0s_interrupt(tmp_path):
+    from utils.launch import first_message
+
+    def leave(rank: int, message: str, status: int, timestamp: int) -> None:
+        folder = tmp_path / 'run' / 'attempt_0' / str(rank)
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {'timestamp': str(timestamp), 'exitcode': status, 'one_line': True}
+        (folder / 'error.json').write_text(json.dumps({'message': {'message': message, 'extraInfo': info}}))
+
+    assert first_message(tmp_path) is None
+    leave(0, 'lost its peer', 1, 1002)
+    leave(1, 'cannot read image b.png', 1, 1001)
+    assert first_message(tmp_path) == ('cannot read image b.png', 1)
+    for rank in (0, 1):
+        leave(rank, f'interrupted on rank {rank}', 130, 1005 - rank)
+    assert first_message(tmp_path) == ('interrupted on rank 0', 130)
