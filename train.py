@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from model.config import CONFIGS, get_config, parse_orders, validate_config
+from model.config import CONFIGS, get_config, parse_orders, validate_config, with_added_fields
 from model import pretrained as pretrained_weights
 from model.modeling import VisionTransformer
 from utils import checkpoint as checkpoints
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
                 'config': config.to_dict()}
     resume = checkpoints.load(args.resume_path, checkpoints.RESUME_KEYS) if args.resume_path else None
     if resume is not None:
-        checkpoints.check_compatible(resume, identity)
+        checkpoints.check_compatible({**resume, 'config': with_added_fields(resume['config'])}, identity)
         model.load_state_dict(resume['state_dict'])
         if main_process:
             warn_if_trajectory_changes(resume.get('args', {}), args)

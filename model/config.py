@@ -89,6 +89,21 @@ CONFIGS = {
 }
 
 
+# Fields added after checkpoints were first written, with the value that keeps an older checkpoint's behaviour.
+ADDED_FIELDS = {('transformer', 'eval_noise'): False}
+
+
+def with_added_fields(saved: dict) -> dict:
+    """A config saved as a dict (in a checkpoint), completed with the fields added since it was written."""
+    saved = copy.deepcopy(saved)
+    for (*groups, field), value in ADDED_FIELDS.items():
+        node = saved
+        for group in groups:
+            node = node.setdefault(group, {})
+        node.setdefault(field, value)
+    return saved
+
+
 def parse_orders(text: str) -> list[int]:
     """Span orders from the command line: '0,1,2' -> [0, 1, 2]; 'none' -> [] (a plain ViT)."""
     if text.strip().lower() in ('none', ''):
@@ -145,8 +160,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     orders = list(t.orders)
     if any(isinstance(o, bool) or not isinstance(o, int) or o < 0 for o in orders) or len(set(orders)) != len(orders):
         fail('transformer.orders', orders, 'distinct non-negative integers like [0, 1, 2]')
-    if not isinstance(t.binarize, bool):
-        fail('transformer.binarize', t.binarize, 'true or false')
+    for key in ('binarize', 'eval_noise'):
+        if not isinstance(t.get(key, False), bool):
+            fail(f'transformer.{key}', t[key], 'true or false')
     if config.classifier != 'token':
         fail('classifier', config.classifier, "'token'")
     representation = config.get('representation_size')

@@ -26,10 +26,11 @@ from scipy import ndimage
 
 from utils.checkpoint import read as read_checkpoint
 from utils.errors import one_line
+from utils.files import check_file
 
-from .config import get_config
+from .config import get_config, with_added_fields
 from .modeling import VisionTransformer
-from .trar import as_grid
+from .trar import as_grid, check_router_keys
 
 LAYOUTS = ("Google .npz (vit_jax 'Transformer/encoderblock_0/...' or big_vision 'params/...')",
            "timm ViT state dict ('blocks.0.attn.qkv.weight'; .safetensors, .pth or .bin)",
@@ -38,7 +39,7 @@ LAYOUTS = ("Google .npz (vit_jax 'Transformer/encoderblock_0/...' or big_vision 
 POSEMB = 'transformer.embeddings.position_embeddings'
 PATCH = 'transformer.embeddings.patch_embeddings.weight'
 HEAD = ('head.weight', 'head.bias')
-IGNORED = re.compile(r'(^|/|\.)pre_logits[/.]')  # the 2020 representation layer: no fine-tune uses it
+PRE_LOGITS = ('pre_logits.fc.weight', 'pre_logits.fc.bias')  # the 2020 checkpoints' representation layer
 
 Convert = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
@@ -91,6 +92,8 @@ def _google_rules(prefix: str, big_vision: bool) -> list[Rule]:
         Rule(f'{prefix}Transformer/encoder_norm/bias', ('transformer.encoder.encoder_norm.bias',)),
         Rule(f'{prefix}head/kernel', ('head.weight',), t),
         Rule(f'{prefix}head/bias', ('head.bias',)),
+        Rule(f'{prefix}pre_logits/kernel', (PRE_LOGITS[0],), t),
+        Rule(f'{prefix}pre_logits/bias', (PRE_LOGITS[1],)),
         Rule(f'{block}{mha}/out/kernel', (f'{layer}attn.out.weight',), lambda w: (w.reshape(-1, w.shape[-1]).T,)),
         Rule(f'{block}{mha}/out/bias', (f'{layer}attn.out.bias',)),
     ]
@@ -118,6 +121,7 @@ def _timm_rules() -> list[Rule]:
         Rule('norm.bias', ('transformer.encoder.encoder_norm.bias',)),
         Rule('head.weight', ('head.weight',)),
         Rule('head.bias', ('head.bias',)),
+        *(Rule(name, (name,)) for name in PRE_LOGITS),
     ]
     for kind in ('weight', 'bias'):
         rules += [Rule(f'{block}attn.qkv.{kind}', tuple(f'{layer}attn.{p}.{kind}' for p in ('query', 'key', 'value')),
@@ -135,7 +139,7 @@ def _own_rules() -> list[Rule]:
     layer = 'transformer.encoder.layer.{i}.'
     names = ['transformer.embeddings.patch_embeddings.weight', 'transformer.embeddings.patch_embeddings.bias',
              'transformer.embeddings.cls_token', POSEMB, 'transformer.encoder.encoder_norm.weight',
-             'transformer.encoder.encoder_norm.bias', *HEAD, f'{layer}attn.router.{{rest}}']
+             'transformer.encoder.encoder_norm.bias', *HEAD, *PRE_LOGITS, f'{layer}attn.router.{{rest}}']
     names += [f'{layer}{module}.{kind}' for module in ('attn.query', 'attn.key', 'attn.value', 'attn.out', 'ffn.fc1',
                                                          'ffn.fc2', 'attention_norm', 'ffn_norm')
               for kind in ('weight', 'bias')]
@@ -210,12 +214,7 @@ class Pretrained:
 def read(path: str | Path) -> Pretrained:
     """The weights of a pretrained file, renamed to this model's names; a one-line ValueError otherwise."""
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; expected a weights file (.npz, .safetensors, .pth, .bin or .ckpt)")
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty (an interrupted download?)")
+    check_file(path, 'weights file', 'a weights file (.npz, .safetensors, .pth, .bin or .ckpt)')
     if path.suffix == '.npz':
         return from_google_arrays(_read_npz(path), path)
     entries = _read_safetensors(path) if path.suffix == '.safetensors' else _read_torch(path)
@@ -334,8 +333,7 @@ def _rename(path: Path, layout: str, tensors: dict[str, torch.Tensor], rules: li
                 renamed.update({name.format(**groups): part.contiguous() for name, part in zip(rule.ours, parts)})
                 break
         else:
-            if not IGNORED.search(key):
-                unknown.append(key)
+            unknown.append(key)
     if unknown:
         more = f" (and {len(unknown) - 4} more)" if len(unknown) > 4 else ''
         raise ValueError(f"{path} cannot be held by this ViT: entries {', '.join(unknown[:4])}{more} "
@@ -408,14 +406,19 @@ def load_into(model: VisionTransformer, weights: Pretrained, head: bool, routers
     A mismatch raises one ValueError line that names it.
     """
     check_architecture(model, weights)
+    if routers:
+        check_router_keys(weights.tensors, model.config.transformer.pooling)
     state = dict(weights.tensors)
     if POSEMB in state:
         state[POSEMB] = resize_posemb(state[POSEMB], model.grid, weights.path)
 
-    def wanted(key: str) -> bool:
-        return (head or key not in HEAD) and (routers or '.attn.router.' not in key)
-
     own = model.state_dict()
+
+    def wanted(key: str) -> bool:
+        if key in PRE_LOGITS and key not in own:
+            return False  # a model without the representation layer ignores the file's, as fine-tuning does
+        return (head or key not in HEAD + PRE_LOGITS) and (routers or '.attn.router.' not in key)
+
     problems = [f"missing {weights.file_key(key)}" for key in own if wanted(key) and key not in state]
     problems += [f"unexpected {weights.file_key(key)}" for key in state if wanted(key) and key not in own]
     problems += [f"{weights.file_key(key)}: file {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
@@ -453,7 +456,7 @@ def build_model(weights: Pretrained, model_type: str = 'ViT-B_16', orders: list[
         missing = [key for key in ('config', 'img_size', 'num_classes') if key not in weights.checkpoint]
         if missing:
             raise ValueError(f"{weights.path} is not a complete train.py checkpoint: it lacks {', '.join(missing)}")
-        config = ml_collections.ConfigDict(weights.checkpoint['config'])
+        config = ml_collections.ConfigDict(with_added_fields(weights.checkpoint['config']))
         img_size = img_size or weights.checkpoint['img_size']
     else:
         config = get_config(model_type)
@@ -461,6 +464,8 @@ def build_model(weights: Pretrained, model_type: str = 'ViT-B_16', orders: list[
             config.transformer.orders = list(orders)
         elif not weights.has_routers:
             config.transformer.orders = []
+        if PRE_LOGITS[0] in weights.tensors:  # the head reads the representation layer's output
+            config.representation_size = weights.tensors[PRE_LOGITS[0]].shape[0]
         img_size = img_size or _image_size(weights, config)
     if weights.num_classes is None:
         raise ValueError(f"{weights.path} has no classifier head: it can start a fine-tune "

@@ -179,7 +179,7 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
     CPU, `CUDA_DEFAULT` on CUDA; `set_implementation`, `use_implementation` or the environment variable
     `TRAR_ATTENTION` force one. `flex` and `triton` need `grid` and `orders`. Two cases keep their own path:
     attention dropout in training runs one fused masked attention per order (dropout acts on each map), and
-    `binarized` inference (one-hot weights: hard routing with `binarize`) computes per image only the order it
+    `binarized` inference (one-hot weights: a router with `binarize`) computes per image only the order it
     uses; that reads the weights back from the device, so only callers with one-hot weights ask for it.
     """
     if dropout_p > 0 and torch.is_grad_enabled():

@@ -50,8 +50,10 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def numpy_vit_logits(w: dict[str, np.ndarray], images: np.ndarray, num_layers: int) -> np.ndarray:
-    """Plain ViT forward pass in float64 numpy, straight from official-layout weights."""
+def numpy_vit_logits(w: dict[str, np.ndarray], images: np.ndarray, num_layers: int,
+                     use_pre_logits: bool = False) -> np.ndarray:
+    """Plain ViT forward pass in float64 numpy, straight from official-layout weights (`use_pre_logits`: with
+    the representation layer, Dense + tanh, between the CLS feature and the head)."""
     w = {k: np.asarray(v, dtype=np.float64) for k, v in w.items()}
     kernel = w['embedding/kernel']
     p, d = kernel.shape[0], kernel.shape[-1]
@@ -72,5 +74,7 @@ def numpy_vit_logits(w: dict[str, np.ndarray], images: np.ndarray, num_layers: i
         hidden = y @ w[f'{pre}MlpBlock_3/Dense_0/kernel'] + w[f'{pre}MlpBlock_3/Dense_0/bias']
         hidden = 0.5 * hidden * (1 + erf(hidden / np.sqrt(2)))
         x = x + hidden @ w[f'{pre}MlpBlock_3/Dense_1/kernel'] + w[f'{pre}MlpBlock_3/Dense_1/bias']
-    x = _layer_norm(x, w['Transformer/encoder_norm/scale'], w['Transformer/encoder_norm/bias'])
-    return x[:, 0] @ w['head/kernel'] + w['head/bias']
+    x = _layer_norm(x, w['Transformer/encoder_norm/scale'], w['Transformer/encoder_norm/bias'])[:, 0]
+    if use_pre_logits:
+        x = np.tanh(x @ w['pre_logits/kernel'] + w['pre_logits/bias'])
+    return x @ w['head/kernel'] + w['head/bias']

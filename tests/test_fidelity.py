@@ -6,6 +6,7 @@ getImgMasks, getMasks, SoftRoutingBlock, HardRoutingBlock, SARoutingBlock), `ope
 under the original's parameter names, copied from this repository's modules by `original_weights`.
 Hard routing draws its Gumbel noise from a fixed sample on both sides, so every comparison is exact.
 """
+import copy
 import math
 
 import numpy as np
@@ -378,3 +379,17 @@ def test_tau_policies_against_the_original_per_epoch_schedule():
     # With another tau_min, `fast` ends there; policy 1 ignores TAU_MIN and still ends at 1 / (epochs - warmup).
     assert tau_at(epochs - 1, epochs, warmup, tau_max, 0.3, 'fast') == pytest.approx(0.3)
     assert original_tau(epochs - 1, 1, tau_max, 0.3, epochs, warmup) == pytest.approx(0.1)
+
+
+def test_a_config_saved_before_eval_noise_existed_still_resumes():
+    """Checkpoints written before the field existed behave as eval_noise=False, and resuming accepts them."""
+    from model.config import with_added_fields
+    from utils.checkpoint import check_compatible
+
+    current = get_config('testing').to_dict()
+    saved = copy.deepcopy(current)
+    del saved['transformer']['eval_noise']
+    with pytest.raises(ValueError, match='config.transformer.eval_noise: checkpoint None vs run False'):
+        check_compatible({'config': saved}, {'config': current})
+    check_compatible({'config': with_added_fields(saved)}, {'config': current})
+    assert 'eval_noise' not in saved['transformer']  # the checkpoint's own dict is left as it was

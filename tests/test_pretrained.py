@@ -176,6 +176,23 @@ def test_google_npz_layouts_give_independent_logits(tmp_path, layout):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_pre_logits_layer_predicts_with_its_head_and_is_dropped_for_a_fine_tune(tmp_path):
+    """The 2020 in21k files put Dense + tanh before their head: prediction uses it, a fresh head does not."""
+    config = plain_testing()
+    w = make_official_weights(config, img_size=32, num_classes=7, seed=4, pre_logits=True)
+    np.savez(tmp_path / 'vit.npz', **w)
+    model = pretrained.build_model(pretrained.read(tmp_path / 'vit.npz'), 'testing')
+    assert model.config.representation_size == config.hidden_size
+    images = np.random.default_rng(2).standard_normal((2, 3, 32, 32))
+    with torch.no_grad():
+        got = model(torch.from_numpy(images).float()).double().numpy()
+    np.testing.assert_allclose(got, numpy_vit_logits(w, images, config.transformer.num_layers, use_pre_logits=True),
+                               rtol=1e-4, atol=1e-4)
+    fine_tune = VisionTransformer(config, img_size=32, num_classes=3, zero_head=True)
+    pretrained.load_pretrained(fine_tune, tmp_path / 'vit.npz')
+    assert not any(key.startswith('pre_logits') for key in fine_tune.state_dict())
+
+
 # ---------------------------------------------------------------------------------------------
 # What does not fit: one line each
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from utils.errors import one_line
-from utils.files import write_atomic
+from utils.files import check_file, write_atomic
 
 # What resuming needs of a checkpoint written by train.py (a hand-edited one may lack some).
 RESUME_KEYS = ('state_dict', 'optimizer', 'scheduler', 'rng', 'step', 'model_type', 'img_size', 'num_classes',
@@ -34,12 +34,7 @@ def _unpickling_cause(error: Exception) -> str:
 def read(path: str | Path) -> dict:
     """The dict a checkpoint file holds (loaded weights-only, on the CPU), with a one-line error for anything else."""
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a folder: expected a checkpoint file, e.g. {path / 'last.ckpt'}")
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes): expected a checkpoint written by train.py")
+    check_file(path, 'checkpoint', 'a checkpoint file written by train.py, e.g. last.ckpt')
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:

@@ -28,8 +28,9 @@ def build_scheduler(optimizer: Optimizer, decay_type: str, warmup_steps: int, to
 def tau_at(step: int, total_steps: int, warmup_steps: int, tau_max: float, tau_min: float, policy: str) -> float:
     """Gumbel-softmax temperature of hard routing for optimizer step `step` (0-based), after TRAR's policies.
 
-    TRAR (TRAR-VQA's train engine) anneals once per epoch and reaches the end of each ramp at the last
-    epoch; here the same shapes are laid over the run's optimizer steps, reaching tau_min at the last step:
+    TRAR (TRAR-VQA's train engine) anneals once per epoch, and only its `slow` ramp ends at the last epoch
+    (README, "Differences from the original TRAR code"); here the shapes are laid over the run's optimizer
+    steps, every policy reaching tau_min at the last step:
     - slow: linear from tau_max to tau_min over the whole run;
     - fast: linear from tau_max to 1 during the warmup steps, then linear from 1 to tau_min;
     - finetune: for a model that already routes well (e.g. a continued run), linear from 1 to tau_min.
