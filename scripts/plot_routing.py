@@ -30,7 +30,7 @@ from plot_curves import read_scalars  # noqa: E402
 from utils import checkpoint as checkpoints  # noqa: E402
 from utils.data_utils import Augmented, collate_skipping_none, get_eval_transform, load_split  # noqa: E402
 from utils.engine import Precision, evaluate  # noqa: E402
-from utils.visualize import _draw_routing, order_label  # noqa: E402
+from utils.visualize import draw_routing, order_label  # noqa: E402
 
 ROUTING_TAG = re.compile(r'routing/layer(\d+)_order(\d+)$')
 
@@ -78,7 +78,7 @@ def routing_layers_figure(weights: np.ndarray, orders: list[int],
     fig = plt.figure(figsize=(12, max(4.2, 1.5 * layers + 1)))
     grid = fig.add_gridspec(layers, 2, width_ratios=[1, 1.6], wspace=0.3)
     heatmap = fig.add_subplot(grid[:, 0])
-    _draw_routing(fig, heatmap, weights, orders)
+    draw_routing(fig, heatmap, weights, orders)
     heatmap.set_title('mean routing weight over the validation set', fontsize=10)
     colors = plt.get_cmap('viridis')(np.linspace(0, 0.85, len(orders)))
     first = None

@@ -126,7 +126,8 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     for micro_step, (images, labels, skipped) in enumerate(loader, start=1):
         new = [index for index in skipped if index not in state.skipped_train]
         step_skipped += new
-        step_totals[1:] += torch.tensor([len(labels), len(new)], dtype=torch.float64)
+        step_totals[1] += len(labels)  # Python numbers: no host-to-device copy on the training path
+        step_totals[2] += len(new)
         images = images.to(device=device, dtype=precision.model_dtype, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         weight = 1.0

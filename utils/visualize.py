@@ -45,7 +45,7 @@ def routing_figure(image: np.ndarray, attention: np.ndarray, routing: np.ndarray
     _draw_image(axes[0], image)
     _draw_attention(axes[1], image, attention)
     if routed:
-        _draw_routing(fig, axes[2], np.asarray(routing, dtype=float), orders)
+        draw_routing(fig, axes[2], np.asarray(routing, dtype=float), orders)
     if title:
         fig.suptitle(title, fontsize=12)
     fig.tight_layout()
@@ -80,7 +80,7 @@ def _draw_attention(ax: plt.Axes, image: np.ndarray, attention: np.ndarray) -> N
     ax.set_yticks([])
 
 
-def _draw_routing(fig: plt.Figure, ax: plt.Axes, routing: np.ndarray, orders: Sequence[int]) -> None:
+def draw_routing(fig: plt.Figure, ax: plt.Axes, routing: np.ndarray, orders: Sequence[int]) -> None:
     layers = routing.shape[0]
     cells = ax.imshow(routing, cmap='Blues', vmin=0.0, vmax=1.0, aspect='auto')
     for layer in range(layers):
