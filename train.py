@@ -304,8 +304,6 @@ def main(argv: list[str] | None = None) -> dict:
                     reason = describe(error) if isinstance(error, OSError) else one_line(error)
                     failed = RunError(f"cannot write {out_dir / name}: {reason}; {last_good_state()}")
                     break
-            else:
-                good.update(path=str(out_dir / 'last.ckpt'), step=state.step)
         dist_util.raise_first_error(failed)  # also the barrier: every process stops when the write failed
         good.update(path=str(out_dir / 'last.ckpt'), step=state.step)
 

@@ -6,3 +6,8 @@
   map (pictures).
 - `banded`: binarized inference, each image computing only the span its router chose.
 """
+
+
+def is_global_order(order: int, grid: tuple[int, int]) -> bool:
+    """Order 0, or a window reaching every patch of the grid: global attention (`span_masks` allows all of it)."""
+    return order == 0 or order >= max(grid) - 1

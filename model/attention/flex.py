@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from . import is_global_order
+
 BLOCK_SIZE = 128  # query and key tokens per block of the BlockMask
 
 
@@ -75,8 +77,8 @@ def flex_plan(grid: tuple[int, int], orders: tuple[int, ...], num_prefix_tokens:
 
 
 def _build_plan(grid, orders, num_prefix_tokens, heads, n, device) -> FlexPlan:
-    h, w = grid
-    is_global = [order == 0 or order >= max(h, w) - 1 for order in orders]  # 0, or a window covering the grid
+    w = grid[1]
+    is_global = [is_global_order(order, grid) for order in orders]
     global_orders = tuple(i for i, full in enumerate(is_global) if full)
     local_orders = tuple(i for i, full in enumerate(is_global) if not full)
     if not local_orders:

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import is_global_order
+
 # Decided by Triton when the kernels below are decorated: interpreted kernels take CPU tensors.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 
@@ -66,8 +68,7 @@ def plan_orders(grid: tuple[int, int], orders: tuple[int, ...], device: torch.de
 
     Cached: a model calls it with the same few (grid, orders) in every block and step.
     """
-    h, w = grid
-    is_global = [o == 0 or o >= max(h, w) - 1 for o in orders]
+    is_global = [is_global_order(o, grid) for o in orders]
     local = [o for o, glob in zip(orders, is_global) if not glob]
     has_global = any(is_global)
     groups = int(has_global) + len(local)
