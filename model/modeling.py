@@ -133,14 +133,14 @@ class Encoder(nn.Module):
         masks = span_masks(grid, orders) if orders else None
         self.register_buffer('span_masks', masks, persistent=False)
         layout = span_layout(masks) if orders else None
-        for name in ('index', 'valid', 'full_rows'):
+        for name in ('index', 'valid', 'full_rows', 'mixing'):
             self.register_buffer(f'span_{name}', getattr(layout, name, None), persistent=False)
-        self.span_orders = (layout.global_orders, layout.local_orders) if orders else None
+        self.span_orders = (layout.global_orders, layout.local_orders, layout.widths) if orders else None
 
     def forward(self, x: torch.Tensor, return_maps: bool = False):
         maps = []
-        layout = SpanLayout(self.span_index, self.span_valid, self.span_full_rows, *self.span_orders) \
-            if self.span_orders else None
+        layout = SpanLayout(self.span_index, self.span_valid, self.span_full_rows, self.span_mixing,
+                            *self.span_orders) if self.span_orders else None
         for block in self.layer:
             x, attention_map = block(x, self.span_masks, layout, return_maps)
             maps.append(attention_map)

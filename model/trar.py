@@ -69,15 +69,21 @@ class SpanLayout(NamedTuple):
     """Where routed attention differs from global attention, derived once from the span masks.
 
     index: (N, K) key positions each query's local orders may see (its window plus the prefix tokens,
-    padded); valid: (L_local, N, K) which of them each local order allows; full_rows: (N,) queries that
-    are global in every order (CLS). global_orders / local_orders: positions in `orders` of the all-True
-    masks and of the others.
+    padded), the keys more local orders allow first; valid: (L_local, N, K) which of them each local order
+    allows; widths: per local order, the leading entries of `index` that hold all it allows (its window's
+    size for span masks, which nest); full_rows: (N,) queries that are global in every order (CLS);
+    mixing: (L, (1 + L_local) * N), the routing weights' map to per-row weights: `alphas @ mixing` is each row's
+    weight of the global softmax, then each local order's weight of its window's softmax per row (zero on full
+    rows, where a local order is global and its weight joins the global softmax's). global_orders /
+    local_orders: positions in `orders` of the all-True masks and of the others.
     """
     index: torch.Tensor
     valid: torch.Tensor
     full_rows: torch.Tensor
+    mixing: torch.Tensor
     global_orders: tuple[int, ...]
     local_orders: tuple[int, ...]
+    widths: tuple[int, ...]
 
 
 def span_layout(masks: torch.Tensor) -> SpanLayout:
@@ -87,12 +93,19 @@ def span_layout(masks: torch.Tensor) -> SpanLayout:
     local_orders = tuple(l for l, full in enumerate(is_global) if not full)
     full_rows = masks.all(dim=-1).all(dim=0)
     local = masks[list(local_orders)] & ~full_rows[:, None]
-    support = local.any(dim=0)
-    width = max(1, int(support.sum(dim=-1).max()))
-    index = support.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :width].contiguous()
+    allowing = local.sum(dim=0)  # (N, N): how many local orders allow each key
+    width = max(1, int((allowing > 0).sum(dim=-1).max()))
+    index = allowing.argsort(dim=-1, descending=True, stable=True)[:, :width].contiguous()
     valid = local.gather(-1, index.expand(len(local_orders), -1, -1))
     valid[:, full_rows, 0] = True  # a finite softmax on rows whose local terms get weight zero
-    return SpanLayout(index, valid, full_rows, global_orders, local_orders)
+    ends = valid * torch.arange(1, width + 1)  # 1 + the position of each allowed entry
+    widths = tuple(int(end) for end in ends.flatten(1).amax(dim=1)) if local_orders else ()
+    mixing = torch.zeros(len(masks), 1 + len(local_orders), masks.shape[-1])
+    mixing[list(global_orders), 0] = 1
+    for position, order in enumerate(local_orders):
+        mixing[order, 0] = full_rows.float()
+        mixing[order, 1 + position] = (~full_rows).float()
+    return SpanLayout(index, valid, full_rows, mixing.flatten(1), global_orders, local_orders, widths)
 
 
 # Implementations of routed attention (model/attention/): `shared_scores` one score matrix shared by every order,

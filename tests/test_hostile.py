@@ -402,6 +402,23 @@ def test_a_process_under_torchrun_leaves_its_line_to_the_launcher(tmp_path, env,
     assert json.loads(error_file.read_text())['message']['message'] == 'bad value 3'
 
 
+def test_teardown_after_the_line_prints_nothing_under_it():
+    """An object the failure left half-built (a DataLoader iterator interrupted in its constructor, whose __del__
+    then fails) is torn down without an "Exception ignored" traceback under the one line."""
+    script = ("from utils.errors import exit_with\n"
+              "class HalfBuilt:\n"
+              "    def __del__(self):\n"
+              "        raise AttributeError(\"'HalfBuilt' object has no attribute '_workers'\")\n"
+              "left = HalfBuilt()\n"
+              "exit_with('interrupted at step 4', 130)\n")
+    done = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 130 and done.stderr == 'error: interrupted at step 4\n'
+    without = subprocess.run([sys.executable, '-c', script.replace("exit_with('interrupted at step 4', 130)",
+                                                                   "raise SystemExit(130)")],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert 'Exception ignored' in without.stderr  # what the line would otherwise have under it
+
+
 def test_the_launcher_reports_the_first_failure_and_rank_0s_interrupt(tmp_path):
     from utils.launch import first_message
 

@@ -116,6 +116,31 @@ def test_layout_of_span_masks_is_the_window():
     assert int(layout.valid[0, centre].sum()) == 1 + 9 and int(layout.valid[1, centre].sum()) == 1 + 25
 
 
+@pytest.mark.parametrize('grid, orders, prefix', [((5, 5), [0, 1, 2], 1), ((7, 3), [2, 1, 0], 1), ((6, 6), [0, 1, 2, 3], 2)])
+def test_layout_widths_and_row_mixing_follow_the_masks(grid, orders, prefix):
+    """Each local order finds all it allows in the first `widths` window entries (its window: they nest), and
+    `alphas @ mixing` gives each row its weight of the global softmax and of each local order's window."""
+    masks = span_masks(grid, orders, prefix)
+    layout = span_layout(masks)
+    n = masks.shape[-1]
+    for position, order in enumerate(layout.local_orders):
+        allowed = masks[order, prefix:].sum(dim=-1)  # patch rows: the window clipped at the border, plus the prefix
+        assert layout.widths[position] == int(allowed.max())  # the widest window and no more
+        window = layout.index[prefix:, :layout.widths[position]]
+        assert masks[order, prefix:].gather(-1, window).sum(dim=-1).equal(allowed)  # nothing it allows is left out
+    alphas = torch.rand(3, len(orders))
+    rows = (alphas @ layout.mixing).unflatten(1, (-1, n))  # (B, 1 + L_local, N)
+    is_global = [bool(mask.all()) for mask in masks]
+    global_weight = sum(alphas[:, l] for l in range(len(orders)) if is_global[l])
+    torch.testing.assert_close(rows[:, 0, :prefix], alphas.sum(dim=1, keepdim=True).expand(-1, prefix))
+    torch.testing.assert_close(rows[:, 0, prefix:], global_weight[:, None].expand(-1, n - prefix))
+    for position, order in enumerate(layout.local_orders):
+        torch.testing.assert_close(rows[:, 1 + position, prefix:], alphas[:, order, None].expand(-1, n - prefix))
+        assert not rows[:, 1 + position, :prefix].any()
+    if grid == (5, 5):
+        assert layout.widths == (1 + 3 * 3, 1 + 5 * 5)
+
+
 def test_bf16_autocast_is_close_to_float32():
     q, k, v, masks, alphas = inputs(2, 2, (4, 4), [0, 1, 2], 8)
     expected = reference_routed_attention(q, k, v, masks, alphas)

@@ -61,4 +61,7 @@ def exit_with(message: str, code: int = 1) -> None:
             json.dump({'message': {'message': message, 'extraInfo': info}}, file)
     if not error_file or (not os.environ.get(LAUNCHED_ENV) and os.environ.get('RANK', '0') == '0'):
         print(f"error: {message}", file=sys.stderr, flush=True)
+    # What the failure left half-built is torn down after the line, quietly: a DataLoader iterator that Ctrl-C
+    # interrupted in its constructor would print an "Exception ignored" traceback under it.
+    sys.unraisablehook = lambda unraisable: None
     sys.exit(code)

@@ -5,6 +5,9 @@ share one softmax, the local orders need only the few scores inside their window
 the mixed map is built from them and applied to V with one product. Backward recomputes the softmaxes
 chunk by chunk instead of keeping them, so training holds no (N, N) tensor per layer; only small calls
 (`KEEP_ELEMENTS`), where recomputing costs more time than keeping costs memory, keep them.
+
+The routing weights enter as per-row weights (`SpanLayout.mixing`, plain autograd), so the custom Function is
+attention with weighted rows: `(full * softmax(S) + sum_l local_l * window softmax_l(S)) v`.
 """
 import torch
 
@@ -21,7 +24,13 @@ KEEP_ELEMENTS = 2 ** 20
 def shared_scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alphas: torch.Tensor,
                             layout) -> torch.Tensor:
     """`sum_l alphas[:, l] * softmax_l(q k^T / sqrt(d)) v` for (B, H, N, d) q, k, v and (B, L) alphas."""
-    return _SharedScoresAttention.apply(q, k, v, alphas, *layout)
+    with torch.autocast(q.device.type, enabled=False):
+        # Row i of a sample's mixed map is `full[i] * softmax(scores)[i] + sum_l local[l, i] * (order l's softmax over
+        # row i's window)`: full (B, 1, N, 1), local (B, 1, L_local, N, 1), differentiable in alphas.
+        rows = (alphas.to(q.dtype) @ layout.mixing.to(q.dtype)).unflatten(1, (-1, q.shape[2]))
+        full, local = rows[:, None, :1].transpose(-1, -2), rows[:, None, 1:, :, None]
+        bias = torch.where(layout.valid, 0.0, float('-inf')).to(q.dtype)
+        return _SharedScoresAttention.apply(q, k, v, full, local, layout.index, bias, layout.widths)
 
 
 def chunks(shape: torch.Size, device: torch.device) -> list[tuple[slice, slice]]:
@@ -35,53 +44,55 @@ def chunks(shape: torch.Size, device: torch.device) -> list[tuple[slice, slice]]
 
 
 class _SharedScoresAttention(torch.autograd.Function):
-    """Routed attention from one score matrix (see `routed_attention`); saves q, k, v and alphas, and the
-    softmaxes and the mixed map too when the call is one chunk of at most KEEP_ELEMENTS scores.
+    """Attention with weighted rows (see `shared_scores_attention`) from one score matrix; saves q, k, v and the
+    weights, and the softmaxes and the mixed map too when the call is one chunk of at most KEEP_ELEMENTS scores.
 
     Chunk by chunk, the (N, N) matrices live in workspaces allocated once per call: fresh allocations of
-    that size cost page faults on a CPU on every chunk.
+    that size cost page faults on a CPU on every chunk. `bias` is 0 where a local order's window allows a key
+    and -inf elsewhere, (L_local, N, K) like `index`; local order l looks at the first `widths[l]` of the K.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, alphas, index, valid, full_rows, global_orders, local_orders):
+    def forward(ctx, q, k, v, full, local, index, bias, widths):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # heads' slices: no copy in every product
-        out = torch.empty_like(q)
         pieces = chunks(q.shape, q.device)
-        kept = ()
-        with torch.autocast(q.device.type, enabled=False):
-            scores, probs = _workspaces(q, pieces, 2)
-            for samples, heads in pieces:
-                maps = _softmaxes(q[samples, heads], k[samples, heads], index, valid, scores, probs)
-                parts = _SharedScores(alphas[samples].to(q.dtype), full_rows, global_orders, local_orders, *maps)
-                mixed = parts.mixed_map(scores, index)
-                out[samples, heads] = mixed @ v[samples, heads]
-            if len(pieces) == 1 and q.shape[0] * q.shape[1] * q.shape[2] ** 2 <= KEEP_ELEMENTS:
-                kept = (*maps, mixed)
-        ctx.save_for_backward(q, k, v, alphas, index, valid, full_rows, *kept)
-        ctx.orders = global_orders, local_orders
-        return out
+        scores, probs = _workspaces(q, pieces, 2)
+        outputs = []
+        for samples, heads in pieces:
+            maps = _softmaxes(q[samples, heads], k[samples, heads], index, bias, widths, scores, probs)
+            mixed = _mixed_map(*maps, full[samples], local[samples], index, scores)
+            outputs.append(mixed @ v[samples, heads])
+        keep = len(pieces) == 1 and q.shape[0] * q.shape[1] * q.shape[2] ** 2 <= KEEP_ELEMENTS
+        ctx.save_for_backward(q, k, v, full, local, index, bias, *((mixed, maps[0], *maps[1]) if keep else ()))
+        ctx.widths = widths
+        return _stitch(pieces, outputs, q)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, alphas, index, valid, full_rows, *kept = ctx.saved_tensors
+    @torch.autocast('cpu', enabled=False)
+    @torch.autocast('cuda', enabled=False)
+    def backward(ctx, grad_out):  # a backward called under autocast still computes in q's dtype
+        q, k, v, full, local, index, bias, *kept = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        grad_alphas = torch.zeros_like(alphas, dtype=torch.promote_types(q.dtype, torch.float32))
         pieces = chunks(q.shape, q.device)
-        with torch.autocast(q.device.type, enabled=False):
-            # The first workspace takes d loss / d map (recomputing: once the softmaxes are taken from the scores
-            # in it), the last the mixed map.
-            workspaces = _workspaces(q, pieces, 1 if kept else 3)
-            for samples, heads in pieces:
-                cq, ck = q[samples, heads], k[samples, heads]
-                maps = kept[:2] or _softmaxes(cq, ck, index, valid, *workspaces[:2])
-                parts = _SharedScores(alphas[samples].to(q.dtype), full_rows, *ctx.orders, *maps)
-                mixed = kept[2] if kept else parts.mixed_map(workspaces[-1], index)
-                grads = parts.backward(grad_out[samples, heads].to(q.dtype), cq, ck, v[samples, heads], index,
-                                       workspaces[0], mixed)
-                grad_q[samples, heads], grad_k[samples, heads], grad_v[samples, heads] = grads[:3]
-                grad_alphas[samples] += grads[3]
-        return grad_q, grad_k, grad_v, grad_alphas.to(alphas.dtype), None, None, None, None, None
+        # The first workspace takes d loss / d map (recomputing: once the softmaxes are taken from the scores in
+        # it), the last the mixed map.
+        workspaces = _workspaces(q, pieces, 1 if kept else 3)
+        grads, grad_full, grad_local = [], torch.zeros_like(full), torch.zeros_like(local)
+        for samples, heads in pieces:
+            cq, ck, chunk_full, chunk_local = q[samples, heads], k[samples, heads], full[samples], local[samples]
+            if kept:
+                mixed, maps = kept[0], (kept[1], kept[2:])
+            else:
+                maps = _softmaxes(cq, ck, index, bias, ctx.widths, *workspaces[:2])
+                mixed = _mixed_map(*maps, chunk_full, chunk_local, index, workspaces[-1])
+            *chunk_grads, chunk_grad_full, chunk_grad_local = _backward(
+                grad_out[samples, heads], cq, ck, v[samples, heads], *maps, chunk_full, chunk_local, index, mixed,
+                workspaces[0])
+            grads.append(chunk_grads)
+            grad_full[samples] += chunk_grad_full
+            grad_local[samples] += chunk_grad_local
+        grad_q, grad_k, grad_v = (_stitch(pieces, [chunk[i] for chunk in grads], q) for i in range(3))
+        return grad_q, grad_k, grad_v, grad_full, grad_local, None, None, None
 
 
 def _workspaces(q: torch.Tensor, chunks: list[tuple[slice, slice]], count: int) -> list[torch.Tensor]:
@@ -98,61 +109,59 @@ def _view(workspace: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return workspace[:b * h * n * n].view(b, h, n, n)
 
 
-def _softmaxes(q, k, index, valid, scores_workspace, probs_workspace) -> tuple[torch.Tensor, torch.Tensor]:
-    """The global softmax of the scores, (b, h, N, N), and every local order's softmax over its window,
-    (b, h, L_local, N, K): all orders' windows in one masked softmax."""
+def _stitch(pieces: list[tuple[slice, slice]], parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The chunks' (b, h, N, d) results as one tensor shaped like `like` (no copy for a single chunk)."""
+    if len(parts) == 1:
+        return parts[0]
+    whole = torch.empty_like(like)
+    for (samples, heads), part in zip(pieces, parts):
+        whole[samples, heads] = part
+    return whole
+
+
+def _softmaxes(q, k, index, bias, widths, scores_workspace, probs_workspace):
+    """The global softmax of the scores, (b, h, N, N), and the list of each local order's softmax over its window,
+    (b, h, N, widths[l])."""
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1), out=_view(scores_workspace, q))
     window_scores = scores.gather(-1, index.expand(*q.shape[:2], *index.shape))
-    window_probs = torch.where(valid, window_scores[:, :, None], float('-inf')).softmax(dim=-1)
+    window_probs = [torch.add(window_scores[..., :width], bias[l, :, :width]).softmax(dim=-1)
+                    for l, width in enumerate(widths)]
     return torch.softmax(scores, dim=-1, out=_view(probs_workspace, q)), window_probs
 
 
-class _SharedScores:
-    """One chunk's softmaxes and routing weights: the mixed map, and the gradients through it."""
+def _window_sum(window_probs: list[torch.Tensor], weights: list[torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+    """`total + sum_l weights[l] * window_probs[l]`, in `total` (b, h, N, K): each (b, h, N, widths[l]) term fills
+    the first widths[l] entries."""
+    for probs, weight in zip(window_probs, weights):
+        total[..., :probs.shape[-1]].addcmul_(probs, weight)
+    return total
 
-    def __init__(self, alphas, full_rows, global_orders, local_orders, probs, window_probs):
-        self.global_orders, self.local_orders = global_orders, local_orders
-        self.probs, self.window_probs = probs, window_probs
-        self.full_rows = full_rows.to(probs.dtype)  # queries global in every order (CLS)
-        self.local_rows = 1 - self.full_rows
-        # Row i of the mixed map: row_scale[i] * probs[i] plus the local orders' window terms. The orders'
-        # columns are taken one by one (Python ints): indexing with a list would copy it to the device and sync.
-        weights = alphas.unbind(dim=1)
-        local_sum = sum((weights[l] for l in local_orders), alphas.new_zeros(len(alphas)))
-        global_sum = sum((weights[l] for l in global_orders), alphas.new_zeros(len(alphas)))
-        self.row_scale = (global_sum[:, None] + self.full_rows * local_sum[:, None])[:, None, :, None]  # (B, 1, N, 1)
-        local = torch.stack([weights[l] for l in local_orders], dim=1) if local_orders else alphas[:, :0]
-        local_weights = (local[:, :, None] * self.local_rows)[:, None, :, :, None]  # (B, 1, L_local, N, 1)
-        self.weighted_window_probs = local_weights * window_probs
-        self.window_mix = self.weighted_window_probs.sum(dim=2)  # (B, H, N, K): the local orders' part of the map
 
-    def mixed_map(self, workspace: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The (B, H, N, N) mixed attention map, built in `workspace`."""
-        mixed = torch.mul(self.probs, self.row_scale, out=_view(workspace, self.probs))
-        return mixed.scatter_add_(-1, index.expand_as(self.window_mix), self.window_mix)
+def _mixed_map(probs, window_probs, full, local, index, workspace) -> torch.Tensor:
+    """The (b, h, N, N) mixed attention map, built in `workspace`."""
+    window = index.expand(*probs.shape[:2], *index.shape)
+    window_mix = _window_sum(window_probs, local.unbind(dim=2), probs.new_zeros(window.shape))
+    return torch.mul(probs, full, out=_view(workspace, probs)).scatter_add_(-1, window, window_mix)
 
-    def backward(self, grad_out, q, k, v, index, grad_map_workspace, mixed):
-        """Gradients of q, k, v and alphas from the gradient of the output and the mixed map; the workspace
-        takes d loss / d map."""
-        grad_map = torch.matmul(grad_out, v.transpose(-2, -1), out=_view(grad_map_workspace, grad_out))
-        grad_v = mixed.transpose(-2, -1) @ grad_out
-        global_dot = torch.einsum('bhij,bhij->bhi', grad_map, self.probs)  # d loss / d row_scale, per head
-        row_dot = global_dot.sum(dim=1)  # (B, N)
-        window = index.expand(*self.window_probs.shape[:2], *index.shape)
-        grad_window = grad_map.gather(-1, window)  # (B, H, N, K)
-        dot = (grad_window[:, :, None] * self.window_probs).sum(dim=-1, keepdim=True)  # (B, H, L_local, N, 1)
-        grad_window_scores = grad_window * self.window_mix - (self.weighted_window_probs * dot).sum(dim=2)
-        # The global softmax's backward through row_scale * probs, then the windows' part.
-        grad_scores = grad_map.sub_(global_dot[..., None]).mul_(self.probs).mul_(self.row_scale)
-        grad_scores.scatter_add_(-1, window, grad_window_scores)
-        scale = q.shape[-1] ** -0.5
-        grad_q = (grad_scores @ k) * scale
-        grad_k = (grad_scores.transpose(-2, -1) @ q) * scale
-        # d loss / d alpha: a global order weights every row's softmax, a local order its windows and the
-        # full rows' softmax.
-        global_grad = row_dot.sum(dim=1)
-        local_grads = ((dot[..., 0].sum(dim=1) * self.local_rows).sum(dim=-1)
-                       + (row_dot * self.full_rows).sum(dim=-1)[:, None]).unbind(dim=1)
-        columns = dict(zip(self.local_orders, local_grads)) | {l: global_grad for l in self.global_orders}
-        grad_alphas = torch.stack([columns[l] for l in range(len(columns))], dim=1)
-        return grad_q, grad_k, grad_v, grad_alphas
+
+def _backward(grad_out, q, k, v, probs, window_probs, full, local, index, mixed, grad_map_workspace):
+    """Gradients of q, k, v and of the row weights from the gradient of the output; the workspace takes
+    d loss / d map, then d loss / d scores."""
+    grad_map = torch.matmul(grad_out, v.transpose(-2, -1), out=_view(grad_map_workspace, grad_out))
+    grad_v = mixed.transpose(-2, -1) @ grad_out
+    window = index.expand(*q.shape[:2], *index.shape)
+    grad_window = grad_map.gather(-1, window)  # (b, h, N, K)
+    # Each softmax's backward is p * (g - <g, p>); the map weights them, and the scores' scale is applied here.
+    scale = q.shape[-1] ** -0.5
+    window_dots = [torch.linalg.vecdot(grad_window[..., :p.shape[-1]], p)[..., None] for p in window_probs]
+    grad_window_scores = _window_sum(window_probs, [
+        torch.sub(grad_window[..., :p.shape[-1]], dot).mul_(weight * scale)
+        for p, dot, weight in zip(window_probs, window_dots, local.unbind(dim=2))], torch.zeros_like(grad_window))
+    grad_scores = grad_map.mul_(probs)
+    global_dot = grad_scores.sum(dim=-1, keepdim=True)  # (b, h, N, 1): d loss / d full, per head
+    grad_scores.addcmul_(probs, -global_dot).mul_(full * scale)
+    grad_scores.scatter_add_(-1, window, grad_window_scores)
+    grad_q = grad_scores @ k
+    grad_k = grad_scores.transpose(-2, -1) @ q
+    grad_local = torch.stack(window_dots, dim=2).sum(dim=1, keepdim=True) if window_dots else torch.zeros_like(local)
+    return grad_q, grad_k, grad_v, global_dot.sum(dim=1, keepdim=True), grad_local
