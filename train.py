@@ -37,7 +37,7 @@ from utils.data_utils import (AUGMENTS, DATASETS, Augmented, ShardedSampler, Unr
                               collate_skipping_none, get_eval_transform, get_train_transform, load_split)
 from utils.engine import (OPT_LEVELS, Precision, RunState, Throughput, evaluate, log_routing, peak_memory_mib,
                           train_one_epoch)
-from utils.errors import RunError, exit_with, one_line, stop_at_first_interrupt
+from utils.errors import RunError, exit_with, interrupts_deferred, one_line, stop_at_first_interrupt
 from utils.files import RunFolder, describe, write_atomic
 from utils.scheduler import DECAY_TYPES, TAU_POLICIES, build_scheduler, tau_at
 
@@ -285,27 +285,28 @@ def main(argv: list[str] | None = None) -> dict:
         """last.ckpt (and best.ckpt when accuracy improved), with everything an exact resume needs.
 
         best.ckpt is written first, so that a kill between the two writes cannot leave a last.ckpt
-        whose best_acc no best.ckpt on disk has.
+        whose best_acc no best.ckpt on disk has. A Ctrl-C meanwhile stops the run once the write is recorded.
         """
-        state.seconds = seconds_before + time.time() - start_time
-        checkpoint = {
-            'state_dict': model.state_dict(), **asdict(state), **identity, 'dataset': args.dataset,
-            'class_names': list(train_set.classes), 'args': vars(args),
-            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-            'scaler': precision.scaler.state_dict() if precision.scaler is not None else None,
-            'rng': dist_util.all_gather_objects(checkpoints.rng_state()),
-        }
-        failed = None
-        if main_process:
-            for name in ('best.ckpt', 'last.ckpt') if improved else ('last.ckpt',):
-                try:
-                    checkpoints.save_atomic(checkpoint, out_dir / name)
-                except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
-                    reason = describe(error) if isinstance(error, OSError) else one_line(error)
-                    failed = RunError(f"cannot write {out_dir / name}: {reason}; {last_good_state()}")
-                    break
-        dist_util.raise_first_error(failed)  # also the barrier: every process stops when the write failed
-        good.update(path=str(out_dir / 'last.ckpt'), step=state.step)
+        with interrupts_deferred():
+            state.seconds = seconds_before + time.time() - start_time
+            checkpoint = {
+                'state_dict': model.state_dict(), **asdict(state), **identity, 'dataset': args.dataset,
+                'class_names': list(train_set.classes), 'args': vars(args),
+                'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+                'scaler': precision.scaler.state_dict() if precision.scaler is not None else None,
+                'rng': dist_util.all_gather_objects(checkpoints.rng_state()),
+            }
+            failed = None
+            if main_process:
+                for name in ('best.ckpt', 'last.ckpt') if improved else ('last.ckpt',):
+                    try:
+                        checkpoints.save_atomic(checkpoint, out_dir / name)
+                    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+                        reason = describe(error) if isinstance(error, OSError) else one_line(error)
+                        failed = RunError(f"cannot write {out_dir / name}: {reason}; {last_good_state()}")
+                        break
+            dist_util.raise_first_error(failed)  # also the barrier: every process stops when the write failed
+            good.update(path=str(out_dir / 'last.ckpt'), step=state.step)
 
     def after_step(loss: float, lr: float, progress: tqdm) -> None:
         """Log the step's loss and learning rate; every eval_every steps and at the end, evaluate and checkpoint."""

@@ -402,6 +402,25 @@ def test_a_process_under_torchrun_leaves_its_line_to_the_launcher(tmp_path, env,
     assert json.loads(error_file.read_text())['message']['message'] == 'bad value 3'
 
 
+def test_ctrl_c_during_a_checkpoint_write_stops_the_run_after_it():
+    """The Ctrl-C handler defers an interrupt that comes while a checkpoint is written and recorded: the message
+    then names that checkpoint, never "no checkpoint was written yet" beside a complete last.ckpt."""
+    from utils.errors import interrupts_deferred, stop_at_first_interrupt
+
+    previous = stop_at_first_interrupt()
+    recorded = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)  # delivered here, at once, to this (the main) thread
+                recorded.append('last.ckpt')  # the rest of the write still runs
+        assert recorded == ['last.ckpt']
+        with interrupts_deferred():  # a later block has no interrupt pending: later SIGINTs are ignored
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_teardown_after_the_line_prints_nothing_under_it():
     """An object the failure left half-built (a DataLoader iterator interrupted in its constructor, whose __del__
     then fails) is torn down without an "Exception ignored" traceback under the one line."""

@@ -116,7 +116,8 @@ def test_layout_of_span_masks_is_the_window():
     assert int(layout.valid[0, centre].sum()) == 1 + 9 and int(layout.valid[1, centre].sum()) == 1 + 25
 
 
-@pytest.mark.parametrize('grid, orders, prefix', [((5, 5), [0, 1, 2], 1), ((7, 3), [2, 1, 0], 1), ((6, 6), [0, 1, 2, 3], 2)])
+@pytest.mark.parametrize('grid, orders, prefix', [((5, 5), [0, 1, 2], 1), ((7, 3), [2, 1, 0], 1),
+                                                  ((6, 6), [0, 1, 2, 3], 2)])
 def test_layout_widths_and_row_mixing_follow_the_masks(grid, orders, prefix):
     """Each local order finds all it allows in the first `widths` window entries (its window: they nest), and
     `alphas @ mixing` gives each row its weight of the global softmax and of each local order's window."""

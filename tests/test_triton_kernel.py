@@ -162,8 +162,9 @@ def test_band_lists_every_reachable_block_and_no_far_one(interpreted, band):
 
 @pytest.mark.parametrize('shape, grid, orders, alphas_shape, message', [
     ((1, 2, 10, 16), (3, 4), [0, 1], (1, 2), 'do not fit'),
-    ((1, 2, 10, 16), (3, 3), [0, 3], (1, 2), 'orders must be'),
-    ((1, 2, 10, 16), (3, 3), [1, 1], (1, 2), 'orders must be'),
+    ((1, 2, 10, 16), (3, 3), [0, 3], (1, 2), r'order 3 is not in \[0, 3\) for a 3x3 patch grid'),
+    ((1, 2, 10, 16), (3, 3), [1, 1], (1, 2), 'orders must be distinct'),
+    ((1, 2, 10, 16), (3, 3), [], (1, 0), 'at least one order'),
     ((1, 2, 10, 16), (3, 3), [0, 1], (1, 3), 'alphas must be'),
 ])
 def test_bad_inputs_are_rejected(shape, grid, orders, alphas_shape, message):

@@ -1,4 +1,5 @@
 """Error messages as one line, for the command-line tools' `error: ...` output, once per run."""
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +29,9 @@ def one_line(error: BaseException, limit: int | None = 300) -> str:
     return text if limit is None or len(text) <= limit else text[:limit] + ' ...'
 
 
+_interrupts = {'deferred': False, 'pending': False}  # inside `interrupts_deferred`; a Ctrl-C came meanwhile
+
+
 def stop_at_first_interrupt():
     """Handle SIGINT in this process: the first Ctrl-C raises KeyboardInterrupt, later ones (a second Ctrl-C, or
     torchrun passing it on) are ignored, so that the stopping run can still say where its state is. Processes
@@ -38,9 +42,26 @@ def stop_at_first_interrupt():
         if os.getpid() != owner:  # a forked DataLoader worker
             return
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if _interrupts['deferred']:
+            _interrupts['pending'] = True
+            return
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGINT, handler)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """A Ctrl-C inside the block (with `stop_at_first_interrupt`'s handler) raises KeyboardInterrupt at its end:
+    a checkpoint being written is finished and recorded as the last good state before the run stops."""
+    _interrupts['deferred'] = True
+    try:
+        yield
+    finally:
+        _interrupts['deferred'] = False
+    if _interrupts['pending']:
+        _interrupts['pending'] = False
+        raise KeyboardInterrupt
 
 
 LAUNCHED_ENV = 'TRAR_ONE_LINE_LAUNCHER'  # set by utils/launch.py, which prints the first failed process's line

@@ -6,8 +6,8 @@ the mixed map is built from them and applied to V with one product. Backward rec
 chunk by chunk instead of keeping them, so training holds no (N, N) tensor per layer; only small calls
 (`KEEP_ELEMENTS`), where recomputing costs more time than keeping costs memory, keep them.
 
-The routing weights enter as per-row weights (`SpanLayout.mixing`, plain autograd), so the custom Function is
-attention with weighted rows: `(full * softmax(S) + sum_l local_l * window softmax_l(S)) v`.
+The routing weights enter as per-row weights (`alphas @ SpanLayout.mixing`, plain autograd), so the custom Function
+is attention with weighted rows: `(full * softmax(S) + sum_l local_l * window softmax_l(S)) v`.
 """
 import torch
 
@@ -25,12 +25,9 @@ def shared_scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
                             layout) -> torch.Tensor:
     """`sum_l alphas[:, l] * softmax_l(q k^T / sqrt(d)) v` for (B, H, N, d) q, k, v and (B, L) alphas."""
     with torch.autocast(q.device.type, enabled=False):
-        # Row i of a sample's mixed map is `full[i] * softmax(scores)[i] + sum_l local[l, i] * (order l's softmax over
-        # row i's window)`: full (B, 1, N, 1), local (B, 1, L_local, N, 1), differentiable in alphas.
         rows = (alphas.to(q.dtype) @ layout.mixing.to(q.dtype)).unflatten(1, (-1, q.shape[2]))
-        full, local = rows[:, None, :1].transpose(-1, -2), rows[:, None, 1:, :, None]
         bias = torch.where(layout.valid, 0.0, float('-inf')).to(q.dtype)
-        return _SharedScoresAttention.apply(q, k, v, full, local, layout.index, bias, layout.widths)
+        return _SharedScoresAttention.apply(q, k, v, rows, layout.index, bias, layout.widths)
 
 
 def chunks(shape: torch.Size, device: torch.device) -> list[tuple[slice, slice]]:
@@ -44,8 +41,10 @@ def chunks(shape: torch.Size, device: torch.device) -> list[tuple[slice, slice]]
 
 
 class _SharedScoresAttention(torch.autograd.Function):
-    """Attention with weighted rows (see `shared_scores_attention`) from one score matrix; saves q, k, v and the
-    weights, and the softmaxes and the mixed map too when the call is one chunk of at most KEEP_ELEMENTS scores.
+    """Attention with weighted rows from one score matrix. Row i of a sample's mixed map is `full[i] *
+    softmax(scores)[i] + sum_l local[l, i] * (order l's softmax over row i's window)`, `rows` (B, 1 + L_local, N)
+    holding full, then local. Saves q, k, v and the weights, and the softmaxes and the mixed map too when the call
+    is one chunk of at most KEEP_ELEMENTS scores.
 
     Chunk by chunk, the (N, N) matrices live in workspaces allocated once per call: fresh allocations of
     that size cost page faults on a CPU on every chunk. `bias` is 0 where a local order's window allows a key
@@ -53,8 +52,9 @@ class _SharedScoresAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, full, local, index, bias, widths):
+    def forward(ctx, q, k, v, rows, index, bias, widths):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # heads' slices: no copy in every product
+        full, local = _row_weights(rows)
         pieces = chunks(q.shape, q.device)
         scores, probs = _workspaces(q, pieces, 2)
         outputs = []
@@ -63,7 +63,7 @@ class _SharedScoresAttention(torch.autograd.Function):
             mixed = _mixed_map(*maps, full[samples], local[samples], index, scores)
             outputs.append(mixed @ v[samples, heads])
         keep = len(pieces) == 1 and q.shape[0] * q.shape[1] * q.shape[2] ** 2 <= KEEP_ELEMENTS
-        ctx.save_for_backward(q, k, v, full, local, index, bias, *((mixed, maps[0], *maps[1]) if keep else ()))
+        ctx.save_for_backward(q, k, v, rows, index, bias, *((mixed, maps[0], *maps[1]) if keep else ()))
         ctx.widths = widths
         return _stitch(pieces, outputs, q)
 
@@ -71,13 +71,14 @@ class _SharedScoresAttention(torch.autograd.Function):
     @torch.autocast('cpu', enabled=False)
     @torch.autocast('cuda', enabled=False)
     def backward(ctx, grad_out):  # a backward called under autocast still computes in q's dtype
-        q, k, v, full, local, index, bias, *kept = ctx.saved_tensors
+        q, k, v, rows, index, bias, *kept = ctx.saved_tensors
         grad_out = grad_out.contiguous()
+        full, local = _row_weights(rows)
         pieces = chunks(q.shape, q.device)
         # The first workspace takes d loss / d map (recomputing: once the softmaxes are taken from the scores in
         # it), the last the mixed map.
         workspaces = _workspaces(q, pieces, 1 if kept else 3)
-        grads, grad_full, grad_local = [], torch.zeros_like(full), torch.zeros_like(local)
+        grads, grad_rows = [], torch.zeros_like(rows)
         for samples, heads in pieces:
             cq, ck, chunk_full, chunk_local = q[samples, heads], k[samples, heads], full[samples], local[samples]
             if kept:
@@ -85,14 +86,17 @@ class _SharedScoresAttention(torch.autograd.Function):
             else:
                 maps = _softmaxes(cq, ck, index, bias, ctx.widths, *workspaces[:2])
                 mixed = _mixed_map(*maps, chunk_full, chunk_local, index, workspaces[-1])
-            *chunk_grads, chunk_grad_full, chunk_grad_local = _backward(
-                grad_out[samples, heads], cq, ck, v[samples, heads], *maps, chunk_full, chunk_local, index, mixed,
-                workspaces[0])
+            *chunk_grads, chunk_grad_rows = _backward(grad_out[samples, heads], cq, ck, v[samples, heads], *maps,
+                                                      chunk_full, chunk_local, index, mixed, workspaces[0])
             grads.append(chunk_grads)
-            grad_full[samples] += chunk_grad_full
-            grad_local[samples] += chunk_grad_local
+            grad_rows[samples] += chunk_grad_rows
         grad_q, grad_k, grad_v = (_stitch(pieces, [chunk[i] for chunk in grads], q) for i in range(3))
-        return grad_q, grad_k, grad_v, grad_full, grad_local, None, None, None
+        return grad_q, grad_k, grad_v, grad_rows, None, None, None
+
+
+def _row_weights(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1 + L_local, N) row weights as full (B, 1, N, 1) and local (B, 1, L_local, N, 1), to broadcast."""
+    return rows[:, None, 0, :, None], rows[:, None, 1:, :, None]
 
 
 def _workspaces(q: torch.Tensor, chunks: list[tuple[slice, slice]], count: int) -> list[torch.Tensor]:
@@ -145,8 +149,8 @@ def _mixed_map(probs, window_probs, full, local, index, workspace) -> torch.Tens
 
 
 def _backward(grad_out, q, k, v, probs, window_probs, full, local, index, mixed, grad_map_workspace):
-    """Gradients of q, k, v and of the row weights from the gradient of the output; the workspace takes
-    d loss / d map, then d loss / d scores."""
+    """Gradients of q, k, v and of the row weights (b, 1 + L_local, N) from the gradient of the output; the workspace
+    takes d loss / d map, then d loss / d scores."""
     grad_map = torch.matmul(grad_out, v.transpose(-2, -1), out=_view(grad_map_workspace, grad_out))
     grad_v = mixed.transpose(-2, -1) @ grad_out
     window = index.expand(*q.shape[:2], *index.shape)
@@ -163,5 +167,5 @@ def _backward(grad_out, q, k, v, probs, window_probs, full, local, index, mixed,
     grad_scores.scatter_add_(-1, window, grad_window_scores)
     grad_q = grad_scores @ k
     grad_k = grad_scores.transpose(-2, -1) @ q
-    grad_local = torch.stack(window_dots, dim=2).sum(dim=1, keepdim=True) if window_dots else torch.zeros_like(local)
-    return grad_q, grad_k, grad_v, global_dot.sum(dim=1, keepdim=True), grad_local
+    grad_rows = torch.cat([global_dot, *window_dots], dim=-1).sum(dim=1).transpose(-1, -2)  # (b, 1 + L_local, N)
+    return grad_q, grad_k, grad_v, grad_rows

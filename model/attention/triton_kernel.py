@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from . import is_global_order
+from ..trar import check_orders
 
 # Decided by Triton when the kernels below are decorated: interpreted kernels take CPU tensors.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
@@ -103,8 +104,8 @@ def _check_inputs(q, k, v, alphas, grid, orders, prefix) -> None:
                          f"{tuple(v.shape)}")
     if h < 1 or w < 1 or prefix < 0 or q.shape[2] != prefix + h * w:
         raise ValueError(f"{q.shape[2]} tokens do not fit {prefix} prefix tokens and a {h}x{w} grid")
-    if len(set(orders)) != len(orders) or not all(0 <= o < max(h, w) for o in orders) or not orders:
-        raise ValueError(f"orders must be distinct and in [0, {max(h, w)}) for a {h}x{w} grid, got {orders}")
+    if not check_orders(orders, grid):
+        raise ValueError("orders must name at least one order, got []")
     if alphas.shape != (q.shape[0], len(orders)):
         raise ValueError(f"alphas must be (B, L) = {(q.shape[0], len(orders))}, got {tuple(alphas.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
