@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
         if state.skipped_images:
             print(f"skipped {state.skipped_images} unreadable images", file=sys.stderr)
         print(json.dumps(results), flush=True)
-    del ddp_model  # before its process group: torch 2.11 with gloo hung at exit in about half of 4-process runs
+    del ddp_model  # before its process group: torch 2.11 with gloo hung at exit in most 4-process runs
     dist_util.cleanup()
     return results
 
