@@ -57,10 +57,10 @@ def interrupts_deferred():
     _interrupts['deferred'] = True
     try:
         yield
-    finally:
+    finally:  # a block that fails leaves no interrupt pending for the next one
         _interrupts['deferred'] = False
-    if _interrupts['pending']:
-        _interrupts['pending'] = False
+        pending, _interrupts['pending'] = _interrupts['pending'], False
+    if pending:
         raise KeyboardInterrupt
 
 
