@@ -37,7 +37,8 @@ from utils.data_utils import (AUGMENTS, DATASETS, Augmented, ShardedSampler, Unr
                               collate_skipping_none, get_eval_transform, get_train_transform, load_split)
 from utils.engine import (OPT_LEVELS, Precision, RunState, Throughput, evaluate, log_routing, peak_memory_mib,
                           train_one_epoch)
-from utils.errors import RunError, exit_with, interrupts_deferred, one_line, stop_at_first_interrupt
+from utils.errors import (RunError, exit_with, interrupts_deferred, one_line, raise_lost_interrupt,
+                          stop_at_first_interrupt)
 from utils.files import RunFolder, describe, write_atomic
 from utils.scheduler import DECAY_TYPES, TAU_POLICIES, build_scheduler, tau_at
 
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def after_step(loss: float, lr: float, progress: tqdm) -> None:
         """Log the step's loss and learning rate; every eval_every steps and at the end, evaluate and checkpoint."""
+        raise_lost_interrupt()
         progress.update(1)
         meter.count(args.train_batch_size)
         if main_process and (state.step % 10 == 0 or state.step == args.num_steps):

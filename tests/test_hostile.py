@@ -421,6 +421,29 @@ def test_ctrl_c_during_a_checkpoint_write_stops_the_run_after_it():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_ctrl_c_whose_interrupt_python_ignored_still_stops_the_run(capsys):
+    """A Ctrl-C landing where Python ignores exceptions (a callback of os.fork as a DataLoader starts its workers,
+    here a __del__) is raised again at the next step, quietly: the run does not go on with Ctrl-C ignored."""
+    from utils.errors import raise_lost_interrupt, stop_at_first_interrupt
+
+    class Dying:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, and its KeyboardInterrupt is ignored
+
+    previous, hook = stop_at_first_interrupt(), sys.unraisablehook
+    try:
+        raise_lost_interrupt()  # no Ctrl-C yet
+        Dying()
+        with pytest.raises(KeyboardInterrupt):
+            raise_lost_interrupt()
+        assert capsys.readouterr().err == ''  # no "Exception ignored" traceback
+        stop_at_first_interrupt()  # a new run starts with no interrupt
+        raise_lost_interrupt()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
+
+
 def test_teardown_after_the_line_prints_nothing_under_it():
     """An object the failure left half-built (a DataLoader iterator interrupted in its constructor, whose __del__
     then fails) is torn down without an "Exception ignored" traceback under the one line."""

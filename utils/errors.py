@@ -29,7 +29,8 @@ def one_line(error: BaseException, limit: int | None = 300) -> str:
     return text if limit is None or len(text) <= limit else text[:limit] + ' ...'
 
 
-_interrupts = {'deferred': False, 'pending': False}  # inside `interrupts_deferred`; a Ctrl-C came meanwhile
+# inside `interrupts_deferred`; a Ctrl-C came meanwhile; a Ctrl-C came at all (since `stop_at_first_interrupt`)
+_interrupts = {'deferred': False, 'pending': False, 'received': False}
 
 
 def stop_at_first_interrupt():
@@ -37,17 +38,30 @@ def stop_at_first_interrupt():
     torchrun passing it on) are ignored, so that the stopping run can still say where its state is. Processes
     forked from this one (DataLoader workers) ignore it: this process stops them. Returns the previous handler."""
     owner = os.getpid()
+    _interrupts['received'] = False
 
     def handler(signum, frame) -> None:
         if os.getpid() != owner:  # a forked DataLoader worker
             return
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _interrupts['received'] = True
+        previous_hook = sys.unraisablehook  # a KeyboardInterrupt Python ignores is raised again, so not shown
+        sys.unraisablehook = lambda unraisable: None if unraisable.exc_type is KeyboardInterrupt \
+            else previous_hook(unraisable)
         if _interrupts['deferred']:
             _interrupts['pending'] = True
             return
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGINT, handler)
+
+
+def raise_lost_interrupt() -> None:
+    """Raise KeyboardInterrupt again if a Ctrl-C came but its KeyboardInterrupt was lost: raised where Python
+    ignores exceptions (a callback of `os.fork` as a DataLoader starts its workers, a `__del__`), it would leave the
+    run going with Ctrl-C ignored. Call it where an interrupt that propagated would already have left."""
+    if _interrupts['received']:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
