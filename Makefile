@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 $(PY): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m model.attention.shared_scores_cpu
 	touch $(PY)
 
 venv: $(PY)

@@ -1,10 +1,13 @@
 """The paths of routed_attention (shared scores, per-sample dispatch, dropout) against the float64 formula."""
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import model.attention.banded as banded
 import model.attention.shared_scores as shared_scores
+import model.attention.shared_scores_cpu as shared_scores_cpu
 from model.trar import routed_attention, span_layout, span_masks
 from tests.test_trar import reference_routed_attention
 
@@ -27,20 +30,39 @@ def inputs(batch, heads, grid, orders, head_dim, prefix=1, seed=0):
     return q, k, v, span_masks(grid, orders, prefix), alphas
 
 
-def assert_matches_formula(q, k, v, masks, alphas, **kwargs):
+def assert_matches_formula(q, k, v, masks, alphas, rtol=None, atol=None, **kwargs):
+    """Output and gradients against the formula in float64 (q's dtype sets the default tolerances)."""
     out = routed_attention(q, k, v, masks, alphas, **kwargs)
-    expected = reference_routed_attention(q, k, v, masks, alphas)
-    torch.testing.assert_close(out, expected)
-    grad = torch.randn_like(out)
     wanted = (q, k, v, alphas)
-    for got, want in zip(torch.autograd.grad(out, wanted, grad), torch.autograd.grad(expected, wanted, grad)):
-        torch.testing.assert_close(got, want)
+    exact = [t.detach().double().requires_grad_() for t in wanted]
+    expected = reference_routed_attention(*exact[:3], masks, exact[3])
+    torch.testing.assert_close(out, expected.to(out.dtype), rtol=rtol, atol=atol)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, wanted, grad), torch.autograd.grad(expected, exact, grad.double())):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=rtol, atol=atol)
+
+
+@pytest.fixture(params=['kernel', 'ops'])
+def path(request, monkeypatch):
+    """Each way shared scores computes its maps: the fused CPU kernel (checked to have run) and the PyTorch ops."""
+    if request.param == 'ops':
+        monkeypatch.setattr(shared_scores_cpu, 'runs_on', lambda q: False)
+        yield request.param
+        return
+    toolchain = shutil.which('c++') and (shutil.which('ninja') or shared_scores_cpu.ninja_directory())
+    if shared_scores_cpu.kernel() is None and not toolchain:
+        pytest.skip('no C++ compiler or ninja to build the CPU kernel')
+    assert shared_scores_cpu.kernel() is not None, 'the CPU kernel did not build'
+    calls, maps = [], shared_scores_cpu.maps
+    monkeypatch.setattr(shared_scores_cpu, 'maps', lambda *args: calls.append(1) or maps(*args))
+    yield request.param
+    assert calls, 'the CPU kernel never ran'
 
 
 @pytest.mark.parametrize('keep', [True, False], ids=['kept softmaxes', 'recomputed softmaxes'])
 @pytest.mark.parametrize('batch, heads, grid, orders, head_dim, prefix', CASES)
-def test_shared_scores_match_formula_forward_and_backward(monkeypatch, batch, heads, grid, orders, head_dim, prefix,
-                                                          keep):
+def test_shared_scores_match_formula_forward_and_backward(monkeypatch, path, batch, heads, grid, orders, head_dim,
+                                                          prefix, keep):
     """Both backward paths: small calls keep their softmaxes, larger ones recompute them."""
     monkeypatch.setattr(shared_scores, 'KEEP_ELEMENTS', 2 ** 20 if keep else 0)
     q, k, v, masks, alphas = inputs(batch, heads, grid, orders, head_dim, prefix)
@@ -48,11 +70,47 @@ def test_shared_scores_match_formula_forward_and_backward(monkeypatch, batch, he
     assert_matches_formula(q, k, v, masks, alphas, layout=span_layout(masks))
 
 
+@pytest.mark.parametrize('keep', [True, False], ids=['kept softmaxes', 'recomputed softmaxes'])
+@pytest.mark.parametrize('grid, orders, prefix', [((8, 8), [0, 1, 2], 1), ((14, 14), [0, 1, 2, 3], 1),
+                                                  ((6, 5), [2, 0], 2)])
+def test_float32_matches_formula(monkeypatch, path, grid, orders, prefix, keep):
+    """In float32 (the kernel's vector code; float64 takes the same code at another width) within float32 rounding:
+    the demo's grid, ViT-B/16's at 224 px, a small one with two prefix tokens."""
+    monkeypatch.setattr(shared_scores, 'KEEP_ELEMENTS', 2 ** 30 if keep else 0)
+    q, k, v, masks, alphas = (t.detach().float().requires_grad_() if t.is_floating_point() else t
+                              for t in inputs(3, 2, grid, orders, 16, prefix))
+    assert_matches_formula(q, k, v, masks, alphas, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_that_cannot_be_built_leaves_the_pytorch_ops(monkeypatch, tmp_path):
+    """No compiler or ninja: one warning says why, and routed attention still computes the formula."""
+    from torch.utils import cpp_extension
+
+    def no_ninja(*args, **kwargs):
+        raise RuntimeError('Ninja is required to load C++ extensions\n(second line)')
+    monkeypatch.setattr(cpp_extension, 'load', no_ninja)
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))  # nothing built there
+    shared_scores_cpu.kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"could not be built \(Ninja is required to load C\+\+ extensions\); "
+                                             "using its PyTorch ops"):
+            assert shared_scores_cpu.kernel() is None
+        q, k, v, masks, alphas = inputs(2, 2, (4, 4), [0, 1, 2], 8)
+        assert not shared_scores_cpu.runs_on(q)
+        assert_matches_formula(q, k, v, masks, alphas)
+        monkeypatch.setenv('TRAR_CPU_KERNEL', '0')  # asked not to: no build, no warning
+        shared_scores_cpu.kernel.cache_clear()
+        monkeypatch.setattr(cpp_extension, 'load', lambda *a, **k: pytest.fail('built although TRAR_CPU_KERNEL=0'))
+        assert shared_scores_cpu.kernel() is None
+    finally:
+        shared_scores_cpu.kernel.cache_clear()
+
+
 @pytest.mark.parametrize('chunk_scores, expected_chunks', [
     (17 * 17 * 2, [(slice(b, b + 1), slice(h, h + 2)) for b in range(3) for h in (0, 2)]),  # 2 + 1 heads
     (17 * 17 * 3 * 2, [(slice(0, 2), slice(0, 3)), (slice(2, 4), slice(0, 3))]),  # 2 + 1 samples
 ])
-def test_chunks_of_heads_and_samples_match_formula(monkeypatch, chunk_scores, expected_chunks):
+def test_chunks_of_heads_and_samples_match_formula(monkeypatch, path, chunk_scores, expected_chunks):
     """Chunking (a smaller last chunk reusing the start of the workspaces) changes nothing."""
     monkeypatch.setitem(shared_scores.CHUNK_ELEMENTS, 'cpu', chunk_scores)
     q, k, v, masks, alphas = inputs(3, 3, (4, 4), [0, 1, 2], 8)
@@ -60,7 +118,7 @@ def test_chunks_of_heads_and_samples_match_formula(monkeypatch, chunk_scores, ex
     assert_matches_formula(q, k, v, masks, alphas)
 
 @pytest.mark.parametrize('keep', [2 ** 20, 0])
-def test_backward_twice_with_retained_graph_gives_the_same_gradients(monkeypatch, keep):
+def test_backward_twice_with_retained_graph_gives_the_same_gradients(monkeypatch, path, keep):
     """Backward leaves what it reads (kept softmaxes included) as it found it."""
     monkeypatch.setattr(shared_scores, 'KEEP_ELEMENTS', keep)
     q, k, v, masks, alphas = inputs(2, 2, (4, 4), [0, 1, 2], 8)
@@ -80,20 +138,20 @@ def test_empty_batch_gives_empty_output_and_gradients():
 
 
 
-def test_zero_weights_in_training_keep_their_gradient():
+def test_zero_weights_in_training_keep_their_gradient(path):
     """A weight of exactly zero (a saturated Gumbel sample) still gets d loss / d alpha."""
     q, k, v, masks, _ = inputs(2, 2, (4, 4), [0, 1, 2], 8)
     alphas = torch.tensor([[0.0, 1.0, 0.0], [0.3, 0.0, 0.7]], dtype=torch.float64, requires_grad=True)
     assert_matches_formula(q, k, v, masks, alphas)
 
 
-def test_gradcheck_against_finite_differences():
+def test_gradcheck_against_finite_differences(path):
     q, k, v, masks, alphas = inputs(2, 2, (3, 4), [0, 1, 2], 4)
     layout = span_layout(masks)
     assert torch.autograd.gradcheck(lambda *t: routed_attention(*t[:3], masks, t[3], layout=layout), (q, k, v, alphas))
 
 
-def test_arbitrary_masks_work_too():
+def test_arbitrary_masks_work_too(path):
     """Nothing assumes span masks: random masks (each row allowing itself) give the formula too."""
     torch.manual_seed(3)
     n = 12

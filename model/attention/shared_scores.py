@@ -8,8 +8,17 @@ chunk by chunk instead of keeping them, so training holds no (N, N) tensor per l
 
 The routing weights enter as per-row weights (`alphas @ SpanLayout.mixing`, plain autograd), so the custom Function
 is attention with weighted rows: `(full * softmax(S) + sum_l local_l * window softmax_l(S)) v`.
+
+Between the products with q, k and v, two paths compute the same maps and gradients: on a CPU in float32 or
+float64, the fused C++ kernel of `shared_scores_cpu` (one pass per row, in cache); elsewhere, or where the kernel
+cannot be built, or under torch.compile (which fuses on its own), the PyTorch ops below, which the tests check the
+kernel against.
 """
+from typing import NamedTuple
+
 import torch
+
+from . import shared_scores_cpu
 
 # Score-matrix elements computed at once by routed attention (per chunk of samples and heads): bounds the
 # transient memory of the (N, N) maps; a GPU affords larger chunks than a CPU's caches favour.
@@ -26,8 +35,7 @@ def shared_scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
     """`sum_l alphas[:, l] * softmax_l(q k^T / sqrt(d)) v` for (B, H, N, d) q, k, v and (B, L) alphas."""
     with torch.autocast(q.device.type, enabled=False):
         rows = (alphas.to(q.dtype) @ layout.mixing.to(q.dtype)).unflatten(1, (-1, q.shape[2]))
-        bias = torch.where(layout.valid, 0.0, float('-inf')).to(q.dtype)
-        return _SharedScoresAttention.apply(q, k, v, rows, layout.index, bias, layout.widths)
+        return _SharedScoresAttention.apply(q, k, v, rows, layout.index, layout.valid, layout.widths)
 
 
 def chunks(shape: torch.Size, device: torch.device) -> list[tuple[slice, slice]]:
@@ -40,63 +48,74 @@ def chunks(shape: torch.Size, device: torch.device) -> list[tuple[slice, slice]]
             for b in range(0, batch, samples_per_chunk) for h in range(0, heads, heads_per_chunk)]
 
 
+class Maps(NamedTuple):
+    """A chunk's maps: the global softmax and the mixed map, (b, h, N, N), and the local orders' window
+    softmaxes in the form of the path that made them (a list of (b, h, N, widths[l]) for the PyTorch ops, one
+    (b, h, N, L_local, K) tensor for the kernel)."""
+    probs: torch.Tensor
+    mixed: torch.Tensor
+    window_probs: tuple[torch.Tensor, ...]
+
+
 class _SharedScoresAttention(torch.autograd.Function):
     """Attention with weighted rows from one score matrix. Row i of a sample's mixed map is `full[i] *
     softmax(scores)[i] + sum_l local[l, i] * (order l's softmax over row i's window)`, `rows` (B, 1 + L_local, N)
-    holding full, then local. Saves q, k, v and the weights, and the softmaxes and the mixed map too when the call
-    is one chunk of at most KEEP_ELEMENTS scores.
+    holding full, then local. Saves q, k, v and the weights, and the maps too when the call is one chunk of at
+    most KEEP_ELEMENTS scores.
 
     Chunk by chunk, the (N, N) matrices live in workspaces allocated once per call: fresh allocations of
-    that size cost page faults on a CPU on every chunk. `bias` is 0 where a local order's window allows a key
-    and -inf elsewhere, (L_local, N, K) like `index`; local order l looks at the first `widths[l]` of the K.
+    that size cost page faults on a CPU on every chunk. `valid` (L_local, N, K) says which of the keys `index`
+    (N, K) names each local order allows; local order l looks at the first `widths[l]` of the K.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, rows, index, bias, widths):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # heads' slices: no copy in every product
-        full, local = _row_weights(rows)
+    def forward(ctx, q, k, v, rows, index, valid, widths):
+        q, k, v, rows = q.contiguous(), k.contiguous(), v.contiguous(), rows.contiguous()  # no copy per product
+        fused = shared_scores_cpu.runs_on(q)
         pieces = chunks(q.shape, q.device)
-        scores, probs = _workspaces(q, pieces, 2)
+        workspaces = _workspaces(q, pieces, 2)
         outputs = []
         for samples, heads in pieces:
-            maps = _softmaxes(q[samples, heads], k[samples, heads], index, bias, widths, scores, probs)
-            mixed = _mixed_map(*maps, full[samples], local[samples], index, scores)
-            outputs.append(mixed @ v[samples, heads])
+            maps = _maps(q[samples, heads], k[samples, heads], rows[samples], index, valid, widths, fused, workspaces)
+            outputs.append(maps.mixed @ v[samples, heads])
         keep = len(pieces) == 1 and q.shape[0] * q.shape[1] * q.shape[2] ** 2 <= KEEP_ELEMENTS
-        ctx.save_for_backward(q, k, v, rows, index, bias, *((mixed, maps[0], *maps[1]) if keep else ()))
-        ctx.widths = widths
+        ctx.save_for_backward(q, k, v, rows, index, valid, *(maps.probs, maps.mixed, *maps.window_probs) if keep else ())
+        ctx.widths, ctx.fused = widths, fused
         return _stitch(pieces, outputs, q)
 
     @staticmethod
     @torch.autocast('cpu', enabled=False)
     @torch.autocast('cuda', enabled=False)
     def backward(ctx, grad_out):  # a backward called under autocast still computes in q's dtype
-        q, k, v, rows, index, bias, *kept = ctx.saved_tensors
+        q, k, v, rows, index, valid, *kept = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        full, local = _row_weights(rows)
         pieces = chunks(q.shape, q.device)
-        # The first workspace takes d loss / d map (recomputing: once the softmaxes are taken from the scores in
-        # it), the last the mixed map.
+        # Recomputing: the first workspace takes the scores, then the softmax; the second the mixed map; the last
+        # d loss / d map, then d loss / d scores.
         workspaces = _workspaces(q, pieces, 1 if kept else 3)
-        grads, grad_rows = [], torch.zeros_like(rows)
+        scale = q.shape[-1] ** -0.5
+        grads, grad_rows = [], []
         for samples, heads in pieces:
-            cq, ck, chunk_full, chunk_local = q[samples, heads], k[samples, heads], full[samples], local[samples]
-            if kept:
-                mixed, maps = kept[0], (kept[1], kept[2:])
-            else:
-                maps = _softmaxes(cq, ck, index, bias, ctx.widths, *workspaces[:2])
-                mixed = _mixed_map(*maps, chunk_full, chunk_local, index, workspaces[-1])
-            *chunk_grads, chunk_grad_rows = _backward(grad_out[samples, heads], cq, ck, v[samples, heads], *maps,
-                                                      chunk_full, chunk_local, index, mixed, workspaces[0])
-            grads.append(chunk_grads)
-            grad_rows[samples] += chunk_grad_rows
+            cq, ck, cv, chunk_rows = q[samples, heads], k[samples, heads], v[samples, heads], rows[samples]
+            maps = Maps(kept[0], kept[1], tuple(kept[2:])) if kept else \
+                _maps(cq, ck, chunk_rows, index, valid, ctx.widths, ctx.fused, workspaces)
+            chunk_grad_out = grad_out[samples, heads]
+            grad_map = torch.matmul(chunk_grad_out, cv.transpose(-2, -1), out=_view(workspaces[-1], cq))
+            grad_v = maps.mixed.transpose(-2, -1) @ chunk_grad_out
+            score_grads = shared_scores_cpu.score_grads if ctx.fused else _score_grads
+            grad_scores, chunk_grad_rows = score_grads(grad_map, maps, chunk_rows, index, valid, ctx.widths, scale)
+            grads.append((grad_scores @ ck, grad_scores.transpose(-2, -1) @ cq, grad_v))
+            grad_rows.append((samples, chunk_grad_rows))
         grad_q, grad_k, grad_v = (_stitch(pieces, [chunk[i] for chunk in grads], q) for i in range(3))
-        return grad_q, grad_k, grad_v, grad_rows, None, None, None
+        return grad_q, grad_k, grad_v, _sum_rows(grad_rows, rows), None, None, None
 
 
-def _row_weights(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 1 + L_local, N) row weights as full (B, 1, N, 1) and local (B, 1, L_local, N, 1), to broadcast."""
-    return rows[:, None, 0, :, None], rows[:, None, 1:, :, None]
+def _maps(q, k, rows, index, valid, widths, fused, workspaces) -> Maps:
+    """A chunk's maps from its q and k; the scores and the softmax take the first workspace, the mixed map the
+    second."""
+    scores = torch.matmul(q, k.transpose(-2, -1), out=_view(workspaces[0], q))
+    maps = shared_scores_cpu.maps if fused else _softmaxes_and_mix
+    return Maps(*maps(scores, rows, index, valid, widths, q.shape[-1] ** -0.5, _view(workspaces[1], q)))
 
 
 def _workspaces(q: torch.Tensor, chunks: list[tuple[slice, slice]], count: int) -> list[torch.Tensor]:
@@ -123,17 +142,40 @@ def _stitch(pieces: list[tuple[slice, slice]], parts: list[torch.Tensor], like: 
     return whole
 
 
-def _softmaxes(q, k, index, bias, widths, scores_workspace, probs_workspace):
-    """The global softmax of the scores, (b, h, N, N), and the list of each local order's softmax over its window,
-    (b, h, N, widths[l])."""
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1), out=_view(scores_workspace, q))
-    window_scores = scores.gather(-1, index.expand(*q.shape[:2], *index.shape))
-    window_probs = [torch.add(window_scores[..., :width], bias[l, :, :width]).softmax(dim=-1)
-                    for l, width in enumerate(widths)]
-    return torch.softmax(scores, dim=-1, out=_view(probs_workspace, q)), window_probs
+def _sum_rows(parts: list[tuple[slice, torch.Tensor]], rows: torch.Tensor) -> torch.Tensor:
+    """The chunks' d loss / d row weights (each chunk's heads summed) as one tensor shaped like `rows`."""
+    if len(parts) == 1:
+        return parts[0][1]
+    total = torch.zeros_like(rows)
+    for samples, part in parts:
+        total[samples] += part
+    return total
 
 
-def _window_sum(window_probs: list[torch.Tensor], weights: list[torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+# The PyTorch ops: what runs where the fused kernel does not, and what the tests check the kernel against.
+
+def _row_weights(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, 1 + L_local, N) row weights as full (b, 1, N, 1) and local (b, 1, L_local, N, 1), to broadcast."""
+    return rows[:, None, 0, :, None], rows[:, None, 1:, :, None]
+
+
+def _softmaxes_and_mix(scores, rows, index, valid, widths, scale, mixed_workspace) -> Maps:
+    """From the (b, h, N, N) unscaled scores: the global softmax of scale * scores (in place of the scores), each
+    local order's softmax over its window, (b, h, N, widths[l]), and the mixed map (in `mixed_workspace`)."""
+    full, local = _row_weights(rows)
+    scores = scores.mul_(scale)
+    window = index.expand(*scores.shape[:2], *index.shape)
+    bias = torch.where(valid, 0.0, float('-inf')).to(scores.dtype)  # (L_local, N, K): -inf where not allowed
+    window_scores = scores.gather(-1, window)
+    window_probs = tuple(torch.add(window_scores[..., :width], bias[l, :, :width]).softmax(dim=-1)
+                         for l, width in enumerate(widths))
+    probs = torch.softmax(scores, dim=-1, out=scores)
+    window_mix = _window_sum(window_probs, local.unbind(dim=2), probs.new_zeros(window.shape))
+    mixed = torch.mul(probs, full, out=mixed_workspace).scatter_add_(-1, window, window_mix)
+    return Maps(probs, mixed, window_probs)
+
+
+def _window_sum(window_probs, weights, total: torch.Tensor) -> torch.Tensor:
     """`total + sum_l weights[l] * window_probs[l]`, in `total` (b, h, N, K): each (b, h, N, widths[l]) term fills
     the first widths[l] entries."""
     for probs, weight in zip(window_probs, weights):
@@ -141,31 +183,19 @@ def _window_sum(window_probs: list[torch.Tensor], weights: list[torch.Tensor], t
     return total
 
 
-def _mixed_map(probs, window_probs, full, local, index, workspace) -> torch.Tensor:
-    """The (b, h, N, N) mixed attention map, built in `workspace`."""
-    window = index.expand(*probs.shape[:2], *index.shape)
-    window_mix = _window_sum(window_probs, local.unbind(dim=2), probs.new_zeros(window.shape))
-    return torch.mul(probs, full, out=_view(workspace, probs)).scatter_add_(-1, window, window_mix)
-
-
-def _backward(grad_out, q, k, v, probs, window_probs, full, local, index, mixed, grad_map_workspace):
-    """Gradients of q, k, v and of the row weights (b, 1 + L_local, N) from the gradient of the output; the workspace
-    takes d loss / d map, then d loss / d scores."""
-    grad_map = torch.matmul(grad_out, v.transpose(-2, -1), out=_view(grad_map_workspace, grad_out))
-    grad_v = mixed.transpose(-2, -1) @ grad_out
-    window = index.expand(*q.shape[:2], *index.shape)
+def _score_grads(grad_map, maps, rows, index, valid, widths, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """d loss / d scores times `scale` (in place of d loss / d map, (b, h, N, N)) and d loss / d row weights,
+    (b, 1 + L_local, N): each softmax's backward p * (g - <g, p>), weighted as the forward mixed them."""
+    full, local = _row_weights(rows)
+    window = index.expand(*grad_map.shape[:2], *index.shape)
     grad_window = grad_map.gather(-1, window)  # (b, h, N, K)
-    # Each softmax's backward is p * (g - <g, p>); the map weights them, and the scores' scale is applied here.
-    scale = q.shape[-1] ** -0.5
-    window_dots = [torch.linalg.vecdot(grad_window[..., :p.shape[-1]], p)[..., None] for p in window_probs]
-    grad_window_scores = _window_sum(window_probs, [
+    window_dots = [torch.linalg.vecdot(grad_window[..., :p.shape[-1]], p)[..., None] for p in maps.window_probs]
+    grad_window_scores = _window_sum(maps.window_probs, [
         torch.sub(grad_window[..., :p.shape[-1]], dot).mul_(weight * scale)
-        for p, dot, weight in zip(window_probs, window_dots, local.unbind(dim=2))], torch.zeros_like(grad_window))
-    grad_scores = grad_map.mul_(probs)
+        for p, dot, weight in zip(maps.window_probs, window_dots, local.unbind(dim=2))], torch.zeros_like(grad_window))
+    grad_scores = grad_map.mul_(maps.probs)
     global_dot = grad_scores.sum(dim=-1, keepdim=True)  # (b, h, N, 1): d loss / d full, per head
-    grad_scores.addcmul_(probs, -global_dot).mul_(full * scale)
+    grad_scores.addcmul_(maps.probs, -global_dot).mul_(full * scale)
     grad_scores.scatter_add_(-1, window, grad_window_scores)
-    grad_q = grad_scores @ k
-    grad_k = grad_scores.transpose(-2, -1) @ q
     grad_rows = torch.cat([global_dot, *window_dots], dim=-1).sum(dim=1).transpose(-1, -2)  # (b, 1 + L_local, N)
-    return grad_q, grad_k, grad_v, grad_rows
+    return grad_scores, grad_rows
