@@ -1,6 +1,7 @@
 """Implementations of routed attention, one file each; `model.trar.routed_attention` picks one.
 
-- `shared_scores`: one score matrix shared by every order, a custom autograd Function (CPU; any device).
+- `shared_scores`: one score matrix shared by every order, a custom autograd Function (CPU; any device); on the
+  CPU its softmaxes and mixed map are the fused C++ kernel of `shared_scores_cpu` (.cpp), built on first use.
 - `flex`: flash SDPA for the global orders and one FlexAttention call for the local ones (CUDA).
 - `dense`: one fused masked SDPA per order (training with attention dropout; any device) and the explicit mixed
   map (pictures).
