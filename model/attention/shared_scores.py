@@ -51,7 +51,7 @@ def chunks(shape: torch.Size, device: torch.device) -> list[tuple[slice, slice]]
 class Maps(NamedTuple):
     """A chunk's maps: the global softmax and the mixed map, (b, h, N, N), and the local orders' window
     softmaxes in the form of the path that made them (a list of (b, h, N, widths[l]) for the PyTorch ops, one
-    (b, h, N, L_local, K) tensor for the kernel)."""
+    (b, h, N, L_local, K padded) tensor for the kernel)."""
     probs: torch.Tensor
     mixed: torch.Tensor
     window_probs: tuple[torch.Tensor, ...]

@@ -2,7 +2,7 @@
 their gradients in one pass per row, in cache, instead of a dozen passes of PyTorch ops over (N, N) tensors.
 
 It is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja: about 30 s, once per machine
-and torch version; `make venv` does it ahead) for the instruction set torch reports. Where it cannot be built, a
+and torch version; `make` does it when it creates .venv) for the instruction set torch reports. Where it cannot be built, a
 one-line warning says why and routed attention runs its PyTorch ops; `TRAR_CPU_KERNEL=0` asks for those.
 """
 import functools
@@ -30,7 +30,8 @@ def runs_on(q: torch.Tensor) -> bool:
 
 def maps(scores, rows, index, valid, widths, scale, mixed):
     """(probs, mixed, window probs) of `shared_scores.Maps` from the (b, h, N, N) unscaled scores: the global
-    softmax in place of the scores, the mixed map in `mixed`, the window softmaxes as one (b, h, N, L_local, K)."""
+    softmax in place of the scores, the mixed map in `mixed`, the window softmaxes as one (b, h, N, L_local, K')
+    tensor, K' the window's K keys padded to whole vectors (zero past each order's window)."""
     return scores, mixed, (kernel().forward(scores, rows, index, valid, list(widths), scale, mixed),)
 
 
@@ -38,7 +39,7 @@ def score_grads(grad_map, maps, rows, index, valid, widths, scale) -> tuple[torc
     """d loss / d scores times `scale` (in place of d loss / d map) and d loss / d row weights (b, 1 + L_local, N)."""
     grad_scores, grad_rows = kernel().backward(grad_map, maps.probs, maps.window_probs[0], rows, index, valid,
                                                list(widths), scale)
-    return grad_scores, grad_rows
+    return grad_scores, grad_rows  # pybind returns a list
 
 
 def build_directory() -> Path:
@@ -51,6 +52,7 @@ def build_directory() -> Path:
 
 
 def compile_flags() -> list[str]:
+    """Optimised, OpenMP (at::parallel_for), and the vector instructions of this CPU as torch reports them."""
     capability = torch.backends.cpu.get_cpu_capability()
     isa = [*ISA_FLAGS[capability], f'-DCPU_CAPABILITY={capability}', f'-DCPU_CAPABILITY_{capability}'] \
         if capability in ISA_FLAGS else []
