@@ -103,7 +103,7 @@ class _SharedScoresAttention(torch.autograd.Function):
             grad_map = torch.matmul(chunk_grad_out, cv.transpose(-2, -1), out=_view(workspaces[-1], cq))
             grad_v = maps.mixed.transpose(-2, -1) @ chunk_grad_out
             score_grads = shared_scores_cpu.score_grads if ctx.fused else _score_grads
-            grad_scores, chunk_grad_rows = score_grads(grad_map, maps, chunk_rows, index, valid, ctx.widths, scale)
+            grad_scores, chunk_grad_rows = score_grads(grad_map, maps, chunk_rows, index, ctx.widths, scale)
             grads.append((grad_scores @ ck, grad_scores.transpose(-2, -1) @ cq, grad_v))
             grad_rows.append((samples, chunk_grad_rows))
         grad_q, grad_k, grad_v = (_stitch(pieces, [chunk[i] for chunk in grads], q) for i in range(3))
@@ -183,7 +183,7 @@ def _window_sum(window_probs, weights, total: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _score_grads(grad_map, maps, rows, index, valid, widths, scale) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_grads(grad_map, maps, rows, index, widths, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """d loss / d scores times `scale` (in place of d loss / d map, (b, h, N, N)) and d loss / d row weights,
     (b, 1 + L_local, N): each softmax's backward p * (g - <g, p>), weighted as the forward mixed them."""
     full, local = _row_weights(rows)

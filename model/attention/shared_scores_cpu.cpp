@@ -180,7 +180,7 @@ void backward_rows(T* grad_map, const T* probs, const T* window_probs, const T* 
   });
 }
 
-void check(const at::Tensor& scores, const at::Tensor& weights, const at::Tensor& index, const at::Tensor& valid,
+void check(const at::Tensor& scores, const at::Tensor& weights, const at::Tensor& index,
            const std::vector<int64_t>& widths) {
   const int64_t orders = static_cast<int64_t>(widths.size());
   TORCH_CHECK(scores.device().is_cpu() && scores.is_contiguous() && scores.dim() == 4,
@@ -190,9 +190,6 @@ void check(const at::Tensor& scores, const at::Tensor& weights, const at::Tensor
               "row weights: contiguous (B, 1 + L, N) of the scores' dtype");
   TORCH_CHECK(index.is_contiguous() && index.scalar_type() == at::kLong && index.dim() == 2 &&
                   index.size(0) == scores.size(2), "index: contiguous (N, K) int64");
-  TORCH_CHECK(valid.is_contiguous() && valid.scalar_type() == at::kBool &&
-                  valid.sizes() == at::IntArrayRef({orders, index.size(0), index.size(1)}),
-              "valid: contiguous (L, N, K) bool");
   for (int64_t width : widths) TORCH_CHECK(0 < width && width <= index.size(1), "widths must be in [1, K]");
 }
 
@@ -202,7 +199,10 @@ void check(const at::Tensor& scores, const at::Tensor& weights, const at::Tensor
 // softmaxes, (B, H, N, L, K padded to whole vectors).
 at::Tensor forward(at::Tensor scores, at::Tensor weights, at::Tensor index, at::Tensor valid,
                    std::vector<int64_t> widths, double scale, at::Tensor mixed) {
-  check(scores, weights, index, valid, widths);
+  check(scores, weights, index, widths);
+  TORCH_CHECK(valid.is_contiguous() && valid.scalar_type() == at::kBool &&
+                  valid.sizes() == at::IntArrayRef({static_cast<int64_t>(widths.size()), index.size(0), index.size(1)}),
+              "valid: contiguous (L, N, K) bool");
   TORCH_CHECK(mixed.is_contiguous() && mixed.sizes() == scores.sizes() && mixed.scalar_type() == scores.scalar_type(),
               "mixed: contiguous, shaped like the scores");
   at::Tensor window_probs;
@@ -219,8 +219,8 @@ at::Tensor forward(at::Tensor scores, at::Tensor weights, at::Tensor index, at::
 
 // (B, H, N, N) d loss / d map -> d loss / d scores times `scale` (in place) and d loss / d row weights (B, 1 + L, N).
 std::vector<at::Tensor> backward(at::Tensor grad_map, at::Tensor probs, at::Tensor window_probs, at::Tensor weights,
-                                 at::Tensor index, at::Tensor valid, std::vector<int64_t> widths, double scale) {
-  check(grad_map, weights, index, valid, widths);
+                                 at::Tensor index, std::vector<int64_t> widths, double scale) {
+  check(grad_map, weights, index, widths);
   TORCH_CHECK(probs.is_contiguous() && probs.sizes() == grad_map.sizes() && window_probs.is_contiguous() &&
                   window_probs.size(3) == static_cast<int64_t>(widths.size()),
               "probs and window probs: contiguous, as forward returned them");

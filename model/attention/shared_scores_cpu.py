@@ -35,10 +35,10 @@ def maps(scores, rows, index, valid, widths, scale, mixed):
     return scores, mixed, (kernel().forward(scores, rows, index, valid, list(widths), scale, mixed),)
 
 
-def score_grads(grad_map, maps, rows, index, valid, widths, scale) -> tuple[torch.Tensor, torch.Tensor]:
+def score_grads(grad_map, maps, rows, index, widths, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """d loss / d scores times `scale` (in place of d loss / d map) and d loss / d row weights (b, 1 + L_local, N)."""
-    grad_scores, grad_rows = kernel().backward(grad_map, maps.probs, maps.window_probs[0], rows, index, valid,
-                                               list(widths), scale)
+    grad_scores, grad_rows = kernel().backward(grad_map, maps.probs, maps.window_probs[0], rows, index, list(widths),
+                                               scale)
     return grad_scores, grad_rows  # pybind returns a list
 
 
