@@ -75,37 +75,37 @@ def test_readme_is_a_front_page():
     assert size <= README_MAX_BYTES, f'README.md is {size} bytes; move reference text to docs/'
 
 
-def command_lines(path: Path) -> list[str]:
-    """Lines of code blocks and inline code spans: where commands are written."""
-    lines, in_code = [], False
+def command_lines(path: Path) -> list[tuple[str, str]]:
+    """(heading, text) of the lines of code blocks and of the inline code spans: where commands and flags are
+    written, with the heading of the section they are in."""
+    lines, in_code, heading = [], False, ''
     for line in path.read_text().splitlines():
         if line.startswith('```'):
             in_code = not in_code
         elif in_code:
-            lines.append(line)
+            lines.append((heading, line))
+        elif match := re.match(r'#{1,6} (.+)', line):
+            heading = match.group(1)
         else:
-            lines.extend(CODE_SPAN.findall(line))
+            lines.extend((heading, span) for span in CODE_SPAN.findall(line))
     return lines
 
 
 def flags_named_for(script: str) -> set[str]:
-    """Flags the documentation gives a script: those after it on a command line (up to a comment, pipe or `;`),
-    and the first column of the flag tables under a heading naming it."""
+    """Flags the documentation gives a script: on a command line, those after the script (up to a comment, pipe
+    or `;`); in a code span or code line naming no script, those of a section whose heading names only it
+    (`train.sh`'s section names torchrun's flags too: there only command lines count)."""
     flags = set()
     for path in DOCS:
-        for line in command_lines(path):
+        for heading, line in command_lines(path):
             line = re.split(r'\s#|\||;|&&', line)[0]
             words = line.split()
-            for i, word in enumerate(words):
-                if PASSES_TO.get(Path(word).name) == script:
-                    flags.update(FLAG.findall(' '.join(words[i + 1:])))
-                    break
-        section = None
-        for line in path.read_text().splitlines():
-            if heading := re.match(r'#{1,6} (.+)', line):
-                section = heading.group(1)
-            elif section is not None and script in section and re.match(r'\| (\+ )?`--', line):
-                flags.update(FLAG.findall(line.split('|')[1]))
+            named = [i for i, word in enumerate(words) if Path(word).name in PASSES_TO]
+            if named:
+                if PASSES_TO[Path(words[named[0]]).name] == script:
+                    flags.update(FLAG.findall(' '.join(words[named[0] + 1:])))
+            elif set(re.findall(r'[\w.]+\.py\b', heading)) == {script}:
+                flags.update(FLAG.findall(line))
     return flags
 
 
@@ -123,13 +123,15 @@ for script in sys.argv[1:]:
     except SystemExit as exit:
         code = exit.code or 0
     results[script] = [code, out.getvalue()]
+from torch.distributed.run import get_args_parser
+results['torchrun'] = [0, ' '.join(o for a in get_args_parser()._actions for o in a.option_strings)]
 sys.stdout.write(json.dumps(results))
 """
 
 
 @cache
 def helps() -> dict[str, str]:
-    """Each script's `--help` output; a script whose --help does not exit 0 fails the test."""
+    """Each script's `--help` output (and torchrun's flags); a script whose --help does not exit 0 fails the test."""
     run = subprocess.run([sys.executable, '-c', HELP_RUNNER, *SCRIPTS], cwd=ROOT, text=True, capture_output=True,
                          timeout=300, env={**os.environ, 'PYTHONPATH': str(ROOT)})
     assert run.returncode == 0, f'--help runner failed: {run.stderr.strip()[-500:]}'
@@ -153,9 +155,19 @@ def test_documented_flags_exist(script):
     assert not missing, f'the docs name {missing} for {script}, which its --help does not offer'
 
 
+def test_every_documented_flag_exists():
+    """Flags the docs name without saying whose: each is a flag of a script here (their --help, or the argparse
+    source of benchmarks/ and scripts/), of torchrun, or of tensorboard (`tensorboard --logdir output`)."""
+    sources = ' '.join(path.read_text() for folder in ('benchmarks', 'scripts') for path in (ROOT / folder).glob('*.py'))
+    known = {*re.findall(r"add_argument\('(--[\w-]+)'", sources), *FLAG.findall(' '.join(helps().values())),
+             '--logdir'}
+    named = {flag for path in DOCS for flag in FLAG.findall(path.read_text())}
+    assert not named - known, f'the docs name flags nothing here offers: {sorted(named - known)}'
+
+
 def test_make_targets_exist():
     targets = set(re.findall(r'^([\w-]+):', (ROOT / 'Makefile').read_text(), flags=re.M))
-    named = {target for path in DOCS for line in command_lines(path)
+    named = {target for path in DOCS for _, line in command_lines(path)
              for target in re.findall(r'(?:^|\s)make (\w+)', line)}
     assert named, 'no `make` command found in the docs'
     assert named <= targets, f'not Makefile targets: {sorted(named - targets)}'
