@@ -133,7 +133,7 @@ sys.stdout.write(json.dumps(results))
 def helps() -> dict[str, str]:
     """Each script's `--help` output (and torchrun's flags); a script whose --help does not exit 0 fails the test."""
     run = subprocess.run([sys.executable, '-c', HELP_RUNNER, *SCRIPTS], cwd=ROOT, text=True, capture_output=True,
-                         timeout=300, env={**os.environ, 'PYTHONPATH': str(ROOT)})
+                         timeout=300, env={**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, (str(ROOT), os.environ.get('PYTHONPATH'))))})
     assert run.returncode == 0, f'--help runner failed: {run.stderr.strip()[-500:]}'
     results = json.loads(run.stdout)
     for script, (code, _) in results.items():
