@@ -12,7 +12,6 @@ a step in a fresh child process and reports its peak resident memory above the m
 building the model. `timm` (benchmarks/requirements.txt) adds timm's ViT-B/16 when installed.
 """
 import argparse
-import functools
 import math
 import multiprocessing
 import statistics
@@ -27,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import modeling  # noqa: E402
 from model.config import get_config, parse_orders  # noqa: E402
 from model.modeling import VisionTransformer  # noqa: E402
+from model.attention import Spans  # noqa: E402
 from model.attention.dense import dense_routed_attention  # noqa: E402
 from model.attention.shared_scores import chunks  # noqa: E402
-from model.trar import span_layout, span_masks  # noqa: E402
 
 
 def stacked_attention(q, k, v, masks, alphas, dropout_p=0.0, **spans):
@@ -48,7 +47,8 @@ class StackedViT(VisionTransformer):
 
     def forward(self, x):
         original = modeling.routed_attention
-        modeling.routed_attention = stacked_attention
+        modeling.routed_attention = lambda q, k, v, alphas, spans, dropout_p=0.0, **_: stacked_attention(
+            q, k, v, spans.masks, alphas, dropout_p)
         try:
             return super().forward(x)
         finally:
@@ -178,7 +178,8 @@ def attention_steps(args, device: torch.device, layers: int) -> dict:
     n, heads = grid * grid + 1, config.transformer.num_heads
     dim = config.hidden_size // heads
     orders = parse_orders(args.orders)
-    masks = span_masks(grid, orders).to(device)
+    spans = Spans(grid, orders).to(device)
+    masks = spans.masks
     dtype = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
     q, k, v = (torch.randn(args.batch, heads, n, dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
@@ -201,8 +202,8 @@ def attention_steps(args, device: torch.device, layers: int) -> dict:
                 grad_map = grad_out @ cv.transpose(-2, -1)
                 scores.transpose(-2, -1) @ grad_out, grad_map @ ck, grad_map.transpose(-2, -1) @ cq
 
-    routed = functools.partial(modeling.routed_attention, layout=span_layout(masks), grid=(grid, grid),
-                               orders=orders)  # what the model passes: every implementation can run
+    def routed(q, k, v, masks, alphas):  # what the model passes: every implementation can run
+        return modeling.routed_attention(q, k, v, alphas, spans)
     steps = {name: step_of(function) for name, function in (ATTENTION | {'routed_attention': routed}).items()}
     return steps | {'products_only': products_only} if layers == 1 else steps
 

@@ -650,7 +650,7 @@ if __name__ == '__main__':
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / 'benchmarks'))
     import bench  # noqa: E402
-    from model import trar  # noqa: E402
+    from model import attention as trar  # noqa: E402
     from utils.data_utils import Augmented, collate_skipping_none, get_train_transform, load_split  # noqa: E402
     from utils.engine import Precision  # noqa: E402
     try:

@@ -13,6 +13,8 @@ Configs are data. Edit the TRAR fields here (or override them from the command l
   tau, annealed from `tau_max` to `tau_min` during training).
 - `transformer.binarize`: use the one-hot argmax of the routing weights at evaluation (either
   routing), so each sample computes a single span.
+- `transformer.attention`: which implementation computes routed attention: `auto` (by device: docs/attention.md)
+  or one of `model.attention.IMPLEMENTATIONS`; the environment variable `TRAR_ATTENTION` overrides it.
 - `transformer.eval_noise`: hard routing samples Gumbel noise at evaluation too, as the original
   TRAR code does (evaluation is then random); off, evaluation uses `softmax(logits / tau)`, and with
   `binarize` the argmax of the logits. README's "Differences from the original TRAR code" lists why.
@@ -24,6 +26,8 @@ import copy
 import math
 
 import ml_collections
+
+from .attention.settings import CHOICES as ATTENTION_CHOICES
 
 
 def _vit_config(patch: int, hidden: int, mlp: int, heads: int, layers: int,
@@ -44,6 +48,7 @@ def _vit_config(patch: int, hidden: int, mlp: int, heads: int, layers: int,
     config.transformer.tau_min = 0.1
     config.transformer.binarize = False
     config.transformer.eval_noise = False
+    config.transformer.attention = 'auto'
     config.classifier = 'token'
     config.representation_size = None
     return config
@@ -90,7 +95,7 @@ CONFIGS = {
 
 
 # Fields added after checkpoints were first written, with the value that keeps an older checkpoint's behaviour.
-ADDED_FIELDS = {('transformer', 'eval_noise'): False}
+ADDED_FIELDS = {('transformer', 'eval_noise'): False, ('transformer', 'attention'): 'auto'}
 
 
 def with_added_fields(saved: dict) -> dict:
@@ -163,6 +168,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     for key in ('binarize', 'eval_noise'):
         if not isinstance(t.get(key, False), bool):
             fail(f'transformer.{key}', t[key], 'true or false')
+    attention = t.get('attention', 'auto')
+    if not isinstance(attention, str) or attention not in ATTENTION_CHOICES:
+        fail('transformer.attention', attention, f"one of {', '.join(ATTENTION_CHOICES)}")
     if config.classifier != 'token':
         fail('classifier', config.classifier, "'token'")
     representation = config.get('representation_size')

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Spans, as_grid, implementation_for, routed_attention, routed_attention_maps
 from .config import validate_config
-from .trar import (Router, SpanLayout, as_grid, check_orders, check_routing, routed_attention, routed_attention_maps,
-                   span_layout, span_masks)
+from .trar import Router, check_routing
 
 
 class Embeddings(nn.Module):
@@ -41,9 +41,14 @@ class Embeddings(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; routed over span orders when the block has a router."""
+    """Multi-head self-attention; routed over span orders when the block has a router.
 
-    def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int]):
+    A routed block attends over `spans` (the model's one `Spans`, shared by its blocks; built from `grid` and the
+    config's orders when not given) with the implementation `config.transformer.attention` asks for ('auto': by
+    device; see `model.attention.implementation_for`).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int], spans: Spans | None = None):
         super().__init__()
         hidden, self.num_heads = config.hidden_size, config.transformer.num_heads
         if hidden % self.num_heads:
@@ -55,17 +60,18 @@ class Attention(nn.Module):
         self.dropout_p = config.transformer.attention_dropout_rate
         self.proj_dropout = nn.Dropout(self.dropout_p)
         t = config.transformer
-        self.orders, self.grid = list(t.orders), grid  # what the span masks are built from
-        self.router = Router(hidden, len(self.orders), t.pooling, t.routing, t.binarize, dropout_rate=t.dropout_rate,
-                             eval_noise=t.get('eval_noise', False)) if self.orders else None  # older configs lack it
+        orders = list(t.orders)
+        self.implementation = t.get('attention', 'auto')  # older configs lack it, as they lack eval_noise
+        self.router = Router(hidden, len(orders), t.pooling, t.routing, t.binarize, dropout_rate=t.dropout_rate,
+                             eval_noise=t.get('eval_noise', False)) if orders else None
+        self.spans = (spans if spans is not None else Spans(grid, orders)) if orders else None
         self.last_alphas: torch.Tensor | None = None
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, H, N, D / H)."""
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor | None, layout: SpanLayout | None = None,
-                return_map: bool = False):
+    def forward(self, x: torch.Tensor, return_map: bool = False):
         q, k, v = self.heads(self.query(x)), self.heads(self.key(x)), self.heads(self.value(x))
         dropout_p = self.dropout_p if self.training else 0.0
         attention_map = None
@@ -79,11 +85,11 @@ class Attention(nn.Module):
             alphas = self.router(x)
             self.last_alphas = alphas.detach()
             if return_map:
-                attention_map = routed_attention_maps(q, k, masks, alphas)
+                attention_map = routed_attention_maps(q, k, self.spans.tensors_on(q.device)[0], alphas)
                 context = attention_map.to(v.dtype) @ v
             else:
-                context = routed_attention(q, k, v, masks, alphas, dropout_p, layout=layout, grid=self.grid,
-                                           orders=self.orders, binarized=self.router.binarize)
+                context = routed_attention(q, k, v, alphas, self.spans, dropout_p, implementation=self.implementation,
+                                           binarized=self.router.binarize)
         out = self.proj_dropout(self.out(context.transpose(1, 2).flatten(2)))
         return out, attention_map
 
@@ -108,41 +114,34 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block."""
 
-    def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int]):
+    def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int], spans: Spans | None = None):
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
-        self.attn = Attention(config, grid)
+        self.attn = Attention(config, grid, spans)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
         self.ffn = Mlp(config)
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor | None, layout: SpanLayout | None,
-                return_map: bool = False):
-        attended, attention_map = self.attn(self.attention_norm(x), masks, layout, return_map)
+    def forward(self, x: torch.Tensor, return_map: bool = False):
+        attended, attention_map = self.attn(self.attention_norm(x), return_map)
         x = x + attended
         return x + self.ffn(self.ffn_norm(x)), attention_map
 
 
 class Encoder(nn.Module):
-    """The stack of blocks and the final norm; holds the span masks (and their layout) shared by every block."""
+    """The stack of blocks and the final norm; builds the `Spans` (orders checked against the grid, masks and layout
+    as buffers) that every block shares."""
 
     def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int]):
         super().__init__()
         orders = list(config.transformer.orders)
-        self.layer = nn.ModuleList(Block(config, grid) for _ in range(config.transformer.num_layers))
+        self.spans = Spans(grid, orders) if orders else None
+        self.layer = nn.ModuleList(Block(config, grid, self.spans) for _ in range(config.transformer.num_layers))
         self.encoder_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
-        masks = span_masks(grid, orders) if orders else None
-        self.register_buffer('span_masks', masks, persistent=False)
-        layout = span_layout(masks) if orders else None
-        for name in ('index', 'valid', 'full_rows', 'mixing'):
-            self.register_buffer(f'span_{name}', getattr(layout, name, None), persistent=False)
-        self.span_orders = (layout.global_orders, layout.local_orders, layout.widths) if orders else None
 
     def forward(self, x: torch.Tensor, return_maps: bool = False):
         maps = []
-        layout = SpanLayout(self.span_index, self.span_valid, self.span_full_rows, self.span_mixing,
-                            *self.span_orders) if self.span_orders else None
         for block in self.layer:
-            x, attention_map = block(x, self.span_masks, layout, return_maps)
+            x, attention_map = block(x, return_maps)
             maps.append(attention_map)
         return self.encoder_norm(x), maps
 
@@ -173,7 +172,6 @@ class VisionTransformer(nn.Module):
         validate_config(config)
         self.transformer = Transformer(config, self.img_size)
         self.grid = self.transformer.embeddings.grid
-        check_orders(config.transformer.orders, self.grid)
         check_routing(config.transformer.pooling, config.transformer.routing)
         _check_img_scale(config, self.grid)
         # The pre-logits layer of ViT's ImageNet-21k models (vit_jax, timm): Dense + tanh, when the config asks for it.
@@ -190,6 +188,14 @@ class VisionTransformer(nn.Module):
     @property
     def is_routed(self) -> bool:
         return len(self.config.transformer.orders) > 0
+
+    def attention_implementation(self, device: torch.device | str | None = None) -> str | None:
+        """The routed attention implementation this model runs on `device` (default: where its weights are), as
+        `config.transformer.attention` and the overrides resolve it; None for a plain ViT."""
+        if not self.is_routed:
+            return None
+        device = next(self.parameters()).device if device is None else device
+        return implementation_for(device, self.config.transformer.get('attention', 'auto'))
 
     def _check_input(self, x: torch.Tensor) -> None:
         expected = (3, *self.img_size)

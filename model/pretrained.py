@@ -28,9 +28,10 @@ from utils.checkpoint import read as read_checkpoint
 from utils.errors import one_line
 from utils.files import check_file
 
+from .attention import as_grid
 from .config import get_config, with_added_fields
 from .modeling import VisionTransformer
-from .trar import as_grid, check_router_keys
+from .trar import check_router_keys
 
 LAYOUTS = ("Google .npz (vit_jax 'Transformer/encoderblock_0/...' or big_vision 'params/...')",
            "timm ViT state dict ('blocks.0.attn.qkv.weight'; .safetensors, .pth or .bin)",

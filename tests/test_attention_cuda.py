@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from model.config import get_config
 from model.modeling import VisionTransformer
-from model.trar import IMPLEMENTATIONS, routed_attention, span_masks, use_implementation
-from tests.test_trar import reference_routed_attention
+from model.attention import IMPLEMENTATIONS, Spans, routed_attention, span_masks, use_implementation
+from tests.conftest import reference_routed_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -86,8 +86,7 @@ def test_implementation_matches_formula_forward_and_backward(name, batch, heads,
                               [t.detach().double().requires_grad_() for t in inputs], grad_out.double())
     plain = outputs_and_grads(lambda *t: formula(*t[:3], masks, t[3], dtype or torch.float32), inputs, grad_out)
     with use_implementation(name), torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
-        got = outputs_and_grads(lambda *t: routed_attention(*t[:3], masks, t[3], grid=grid, orders=orders), inputs,
-                                grad_out)
+        got = outputs_and_grads(lambda *t: routed_attention(*t, Spans(grid, orders, prefix)), inputs, grad_out)
     assert got[0].shape == q.shape and got[0].dtype == (dtype or torch.float32)
     for what, mine, baseline, want in zip(('out', 'q', 'k', 'v', 'alphas'), got, plain, exact):
         allowed = allowed_error(baseline, want, dtype)
@@ -105,7 +104,7 @@ def test_binarized_dispatch_matches_formula(grid, orders, precision):
     one_hot = F.one_hot(torch.arange(6, device='cuda') % len(orders), len(orders)).float()
     masks = span_masks(grid, orders).cuda()
     with torch.no_grad(), torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
-        out = routed_attention(q, k, v, masks, one_hot, grid=grid, orders=orders, binarized=True)
+        out = routed_attention(q, k, v, one_hot, Spans(grid, orders), binarized=True)
     expected = reference_routed_attention(q, k, v, masks, one_hot)
     plain = formula(q, k, v, masks, one_hot, dtype)
     assert max_error(out, expected) <= allowed_error(plain, expected, PRECISIONS[precision])

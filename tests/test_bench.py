@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from model.trar import routed_attention
+from model.attention import Spans, routed_attention
 from tests.test_routed_attention_impl import inputs
 from tests.train_helpers import ROOT
 
@@ -18,7 +18,7 @@ import bench  # noqa: E402
 def test_baselines_compute_routed_attention(name):
     """The stacked maps of the original code and the per-order path compute what routed_attention does."""
     q, k, v, masks, alphas = inputs(2, 3, (4, 5), [0, 1, 2], 8)
-    expected = routed_attention(q, k, v, masks, alphas)
+    expected = routed_attention(q, k, v, alphas, Spans((4, 5), [0, 1, 2]))
     torch.testing.assert_close(bench.ATTENTION[name](q, k, v, masks, alphas), expected)
 
 

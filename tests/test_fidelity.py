@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import model.trar as trar
 from model.config import get_config
 from model.modeling import Attention, VisionTransformer
-from model.trar import Router, check_router_keys, span_masks
+from model.attention import span_masks
+from model.trar import Router, check_router_keys
 from utils.scheduler import tau_at
 
 # ---- Transcription of the original code --------------------------------------------------------------
@@ -242,7 +243,7 @@ def test_routed_block_equals_the_original_sa_routing_block(fixed_gumbels, poolin
     block.router.tau.fill_(0.7)
     block.train(training)
     x = torch.randn(6, 1 + grid * grid, config.hidden_size, generator=torch.Generator().manual_seed(2))
-    out, _ = block(x, span_masks(grid, orders))
+    out, _ = block(x)
 
     alphas = expected_alphas(x, original_weights(block.router, ROUTER_NAMES), pooling, routing, training, binarize,
                              eval_noise, 0.7, fixed_gumbels)

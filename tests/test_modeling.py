@@ -54,6 +54,15 @@ def test_vit_pytorch_state_dict_loads_into_plain_model():
     torch.testing.assert_close(target(x), source(x))
 
 
+def test_one_spans_is_shared_by_every_block():
+    """The orders are checked and their masks and layout built once per model, not per block."""
+    model = VisionTransformer(get_config('testing'), img_size=(16, 32), num_classes=3)
+    spans = model.transformer.encoder.spans
+    assert (spans.grid, spans.orders, spans.num_prefix_tokens) == ((4, 8), (0, 1), 1)
+    assert all(block.attn.spans is spans for block in model.transformer.encoder.layer)
+    assert len([m for m in model.modules() if m is spans]) == 1
+
+
 def test_routed_model_adds_only_router_parameters():
     routed = VisionTransformer(get_config('testing'), img_size=32, num_classes=10)
     plain_keys = set(VisionTransformer(plain(), img_size=32, num_classes=10).state_dict())
@@ -161,7 +170,7 @@ def test_attention_maps_are_the_maps_the_forward_pass_uses():
     # Rebuild layer 0's output from its map and compare with the fused path.
     block = model.transformer.encoder.layer[0]
     tokens = model.transformer.embeddings(x)
-    fused, _ = block.attn(block.attention_norm(tokens), model.transformer.encoder.span_masks)
+    fused, _ = block.attn(block.attention_norm(tokens))
     normed = block.attention_norm(tokens)
     v = block.attn.heads(block.attn.value(normed))
     rebuilt = block.attn.out((maps[0] @ v).transpose(1, 2).flatten(2))
@@ -244,11 +253,11 @@ def test_torch_compiled_model_trains_and_predicts_as_eager():
 
 def test_only_binarized_models_dispatch_per_image_in_inference(monkeypatch):
     """One-hot routing skips unused orders; soft routing never pays for looking at the weights."""
-    import model.trar as trar
+    import model.attention.interface as interface
 
     calls = []
-    dispatch = trar.banded_routed_attention
-    monkeypatch.setattr(trar, 'banded_routed_attention', lambda *a: calls.append(1) or dispatch(*a))
+    dispatch = interface.banded_routed_attention
+    monkeypatch.setattr(interface, 'banded_routed_attention', lambda *a: calls.append(1) or dispatch(*a))
     x = torch.randn(3, 3, 32, 32)
     for routing in ('soft', 'hard'):
         config = get_config('testing')

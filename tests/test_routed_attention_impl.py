@@ -6,10 +6,12 @@ import torch
 import torch.nn.functional as F
 
 import model.attention.banded as banded
+import model.attention.interface as interface
 import model.attention.shared_scores as shared_scores
 import model.attention.shared_scores_cpu as shared_scores_cpu
-from model.trar import routed_attention, span_layout, span_masks
-from tests.test_trar import reference_routed_attention
+from model.attention import Spans, routed_attention, span_layout, span_masks
+from model.attention.shared_scores import shared_scores_attention
+from tests.conftest import assert_matches_reference, reference_routed_attention
 
 CASES = [  # (batch, heads, grid, orders, head_dim, prefix tokens)
     (2, 2, (4, 4), [0, 1, 2], 8, 1),
@@ -30,16 +32,16 @@ def inputs(batch, heads, grid, orders, head_dim, prefix=1, seed=0):
     return q, k, v, span_masks(grid, orders, prefix), alphas
 
 
-def assert_matches_formula(q, k, v, masks, alphas, rtol=None, atol=None, **kwargs):
-    """Output and gradients against the formula in float64 (q's dtype sets the default tolerances)."""
-    out = routed_attention(q, k, v, masks, alphas, **kwargs)
-    wanted = (q, k, v, alphas)
-    exact = [t.detach().double().requires_grad_() for t in wanted]
-    expected = reference_routed_attention(*exact[:3], masks, exact[3])
-    torch.testing.assert_close(out, expected.to(out.dtype), rtol=rtol, atol=atol)
-    grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, wanted, grad), torch.autograd.grad(expected, exact, grad.double())):
-        torch.testing.assert_close(got, want.to(got.dtype), rtol=rtol, atol=atol)
+def through_interface(grid, orders, prefix=1, **kwargs):
+    """`routed_attention` over the spans of (grid, orders, prefix), as a function of (q, k, v, alphas)."""
+    spans = Spans(grid, orders, prefix)
+    return lambda q, k, v, alphas: routed_attention(q, k, v, alphas, spans, **kwargs)
+
+
+def through_layout(masks):
+    """Shared scores over the `span_layout` of any (L, N, N) masks, as a function of (q, k, v, alphas)."""
+    layout = span_layout(masks)
+    return lambda q, k, v, alphas: shared_scores_attention(q, k, v, alphas, layout)
 
 
 @pytest.fixture(params=['kernel', 'ops'])
@@ -66,8 +68,8 @@ def test_shared_scores_match_formula_forward_and_backward(monkeypatch, path, bat
     """Both backward paths: small calls keep their softmaxes, larger ones recompute them."""
     monkeypatch.setattr(shared_scores, 'KEEP_ELEMENTS', 2 ** 20 if keep else 0)
     q, k, v, masks, alphas = inputs(batch, heads, grid, orders, head_dim, prefix)
-    assert_matches_formula(q, k, v, masks, alphas)
-    assert_matches_formula(q, k, v, masks, alphas, layout=span_layout(masks))
+    assert_matches_reference(through_interface(grid, orders, prefix), q, k, v, masks, alphas)
+    assert_matches_reference(through_layout(masks), q, k, v, masks, alphas)
 
 
 @pytest.mark.parametrize('keep', [True, False], ids=['kept softmaxes', 'recomputed softmaxes'])
@@ -79,7 +81,7 @@ def test_float32_matches_formula(monkeypatch, path, grid, orders, prefix, keep):
     monkeypatch.setattr(shared_scores, 'KEEP_ELEMENTS', 2 ** 30 if keep else 0)
     q, k, v, masks, alphas = (t.detach().float().requires_grad_() if t.is_floating_point() else t
                               for t in inputs(3, 2, grid, orders, 16, prefix))
-    assert_matches_formula(q, k, v, masks, alphas, rtol=1e-4, atol=1e-5)
+    assert_matches_reference(through_interface(grid, orders, prefix), q, k, v, masks, alphas, rtol=1e-4, atol=1e-5)
 
 
 def test_kernel_that_cannot_be_built_leaves_the_pytorch_ops(monkeypatch, tmp_path):
@@ -97,7 +99,7 @@ def test_kernel_that_cannot_be_built_leaves_the_pytorch_ops(monkeypatch, tmp_pat
             assert shared_scores_cpu.kernel() is None
         q, k, v, masks, alphas = inputs(2, 2, (4, 4), [0, 1, 2], 8)
         assert not shared_scores_cpu.runs_on(q)
-        assert_matches_formula(q, k, v, masks, alphas)
+        assert_matches_reference(through_interface((4, 4), [0, 1, 2]), q, k, v, masks, alphas)
         monkeypatch.setenv('TRAR_CPU_KERNEL', '0')  # asked not to: no build, no warning
         shared_scores_cpu.kernel.cache_clear()
         monkeypatch.setattr(cpp_extension, 'load', lambda *a, **k: pytest.fail('built although TRAR_CPU_KERNEL=0'))
@@ -115,14 +117,14 @@ def test_chunks_of_heads_and_samples_match_formula(monkeypatch, path, chunk_scor
     monkeypatch.setitem(shared_scores.CHUNK_ELEMENTS, 'cpu', chunk_scores)
     q, k, v, masks, alphas = inputs(3, 3, (4, 4), [0, 1, 2], 8)
     assert shared_scores.chunks(q.shape, q.device) == expected_chunks
-    assert_matches_formula(q, k, v, masks, alphas)
+    assert_matches_reference(through_interface((4, 4), [0, 1, 2]), q, k, v, masks, alphas)
 
 @pytest.mark.parametrize('keep', [2 ** 20, 0])
 def test_backward_twice_with_retained_graph_gives_the_same_gradients(monkeypatch, path, keep):
     """Backward leaves what it reads (kept softmaxes included) as it found it."""
     monkeypatch.setattr(shared_scores, 'KEEP_ELEMENTS', keep)
-    q, k, v, masks, alphas = inputs(2, 2, (4, 4), [0, 1, 2], 8)
-    out = routed_attention(q, k, v, masks, alphas)
+    q, k, v, _, alphas = inputs(2, 2, (4, 4), [0, 1, 2], 8)
+    out = routed_attention(q, k, v, alphas, Spans(4, [0, 1, 2]))
     grad = torch.randn_like(out)
     first = torch.autograd.grad(out, (q, k, v, alphas), grad, retain_graph=True)
     torch.testing.assert_close(torch.autograd.grad(out, (q, k, v, alphas), grad), first, rtol=0, atol=0)
@@ -130,8 +132,8 @@ def test_backward_twice_with_retained_graph_gives_the_same_gradients(monkeypatch
 
 def test_empty_batch_gives_empty_output_and_gradients():
     """A batch of no samples (every image of a batch skipped as unreadable) passes through, as plain attention does."""
-    q, k, v, masks, alphas = inputs(0, 2, (3, 3), [0, 1], 4)
-    out = routed_attention(q, k, v, masks, alphas)
+    q, k, v, _, alphas = inputs(0, 2, (3, 3), [0, 1], 4)
+    out = routed_attention(q, k, v, alphas, Spans(3, [0, 1]))
     assert out.shape == q.shape == F.scaled_dot_product_attention(q, k, v).shape
     grads = torch.autograd.grad(out.sum(), (q, k, v, alphas))
     assert [tuple(g.shape) for g in grads] == [tuple(q.shape)] * 3 + [(0, 2)]
@@ -142,13 +144,12 @@ def test_zero_weights_in_training_keep_their_gradient(path):
     """A weight of exactly zero (a saturated Gumbel sample) still gets d loss / d alpha."""
     q, k, v, masks, _ = inputs(2, 2, (4, 4), [0, 1, 2], 8)
     alphas = torch.tensor([[0.0, 1.0, 0.0], [0.3, 0.0, 0.7]], dtype=torch.float64, requires_grad=True)
-    assert_matches_formula(q, k, v, masks, alphas)
+    assert_matches_reference(through_interface((4, 4), [0, 1, 2]), q, k, v, masks, alphas)
 
 
 def test_gradcheck_against_finite_differences(path):
-    q, k, v, masks, alphas = inputs(2, 2, (3, 4), [0, 1, 2], 4)
-    layout = span_layout(masks)
-    assert torch.autograd.gradcheck(lambda *t: routed_attention(*t[:3], masks, t[3], layout=layout), (q, k, v, alphas))
+    q, k, v, _, alphas = inputs(2, 2, (3, 4), [0, 1, 2], 4)
+    assert torch.autograd.gradcheck(through_interface((3, 4), [0, 1, 2]), (q, k, v, alphas))
 
 
 def test_arbitrary_masks_work_too(path):
@@ -161,7 +162,7 @@ def test_arbitrary_masks_work_too(path):
     masks[2, 5] = True  # a row that is global in one local order only
     q, k, v = (torch.randn(2, 2, n, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     alphas = torch.randn(2, 3, dtype=torch.float64).softmax(-1).requires_grad_()
-    assert_matches_formula(q, k, v, masks, alphas)
+    assert_matches_reference(through_layout(masks), q, k, v, masks, alphas)
 
 
 def test_layout_of_span_masks_is_the_window():
@@ -204,7 +205,8 @@ def test_bf16_autocast_is_close_to_float32():
     q, k, v, masks, alphas = inputs(2, 2, (4, 4), [0, 1, 2], 8)
     expected = reference_routed_attention(q, k, v, masks, alphas)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = routed_attention(q.float().bfloat16(), k.float().bfloat16(), v.float().bfloat16(), masks, alphas.float())
+        out = routed_attention(q.float().bfloat16(), k.float().bfloat16(), v.float().bfloat16(), alphas.float(),
+                               Spans(4, [0, 1, 2]))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), expected, rtol=0.05, atol=0.05)
 
@@ -217,11 +219,14 @@ def test_binarized_dispatch_matches_formula(monkeypatch, grid, orders, rows):
     q, k, v, masks, _ = inputs(6, 2, grid, orders, 8)
     choice = torch.arange(6) % len(orders)
     one_hot = F.one_hot(choice, len(orders)).double()
+    calls, dispatch = [], banded.banded_routed_attention
+    monkeypatch.setattr(interface, 'banded_routed_attention', lambda *a: calls.append(1) or dispatch(*a))
     with torch.no_grad():
-        out = routed_attention(q, k, v, masks, one_hot, grid=grid, orders=orders, binarized=True)
-        without_grid = routed_attention(q, k, v, masks, one_hot)
+        out = routed_attention(q, k, v, one_hot, Spans(grid, orders), binarized=True)
+        soft = routed_attention(q, k, v, one_hot, Spans(grid, orders))
+    assert calls == [1]  # binarized went per image, the soft call did not
     torch.testing.assert_close(out, reference_routed_attention(q, k, v, masks, one_hot))
-    torch.testing.assert_close(without_grid, reference_routed_attention(q, k, v, masks, one_hot))
+    torch.testing.assert_close(soft, reference_routed_attention(q, k, v, masks, one_hot))
 
 
 def test_binarized_dispatch_skips_unused_orders(monkeypatch):
@@ -233,7 +238,7 @@ def test_binarized_dispatch_skips_unused_orders(monkeypatch):
                         lambda q, *a, **kw: calls.append(q.shape[2]) or sdpa(q, *a, **kw))
     with torch.no_grad():
         local_only = torch.tensor([[0., 1.], [0., 1.]], dtype=torch.float64)
-        routed_attention(q, k, v, masks, local_only, grid=(4, 4), orders=[0, 1], binarized=True)
+        routed_attention(q, k, v, local_only, Spans(4, [0, 1]), binarized=True)
     assert calls == [1]  # only the CLS queries
 
 
@@ -243,11 +248,63 @@ def test_dropout_uses_one_fused_attention_per_order():
     expected = sum(alphas[:, l, None, None, None] * F.scaled_dot_product_attention(q, k, v, masks[l], dropout_p=0.5)
                    for l in range(2))
     torch.manual_seed(1)
-    out = routed_attention(q, k, v, masks, alphas, 0.5, grid=(3, 3), orders=[0, 1])
+    out = routed_attention(q, k, v, alphas, Spans(3, [0, 1]), 0.5)
     torch.testing.assert_close(out, expected)
 
 
 def test_wrong_grid_is_rejected():
     q, k, v, masks, _ = inputs(1, 1, (3, 3), [0, 1], 4)
     with pytest.raises(ValueError, match='grid'), torch.no_grad():
-        routed_attention(q, k, v, masks, torch.tensor([[1.0, 0.0]]), grid=(3, 4), orders=[0, 1])
+        routed_attention(q, k, v, torch.tensor([[1.0, 0.0]]), Spans((3, 4), [0, 1]))
+
+
+def test_every_implementation_builds_on_the_inputs_device(device_audit):
+    """Layout, dispatcher and every implementation that runs on the CPU (forward and backward where it has one, the
+    per-image path too) make no tensor without naming its device: on a GPU none would land on the CPU."""
+    spans = Spans((4, 5), [0, 1, 2], 2)
+    q, k, v, _, alphas = inputs(3, 2, (4, 5), [0, 1, 2], 8, 2)
+    one_hot = F.one_hot(torch.tensor([0, 1, 2]), 3).double()
+    with device_audit:
+        span_layout(span_masks((3, 4), [0, 1], 1, device=q.device))
+        for name in ('shared_scores', 'dense'):
+            routed_attention(q, k, v, alphas, spans, implementation=name).sum().backward()
+        routed_attention(q, k, v, alphas, spans, 0.5).sum().backward()
+        with torch.no_grad():
+            routed_attention(q, k, v, alphas, spans, implementation='flex')
+            routed_attention(q, k, v, one_hot, Spans((4, 5), [0, 1, 2]), binarized=True)
+    assert device_audit.undevised == []
+
+
+def test_device_audit_sees_a_tensor_made_without_a_device():
+    from tests.conftest import DeviceAudit
+
+    with DeviceAudit(root=__file__) as audit:
+        torch.arange(3) + torch.zeros(3, device='cpu')
+    assert len(audit.undevised) == 1 and audit.undevised[0].startswith('arange at test_routed_attention_impl.py:')
+
+
+@pytest.mark.parametrize('name', ['shared_scores', 'dense'])
+def test_spans_made_on_the_cpu_serve_inputs_on_another_device(name):
+    """On the meta device (a stand-in for a GPU) with spans built on the CPU, as a benchmark passes them: the
+    output and every gradient are on the inputs' device, and the spans' tensors are copied there once."""
+    spans = Spans((4, 4), [0, 1, 2])
+    q, k, v = (torch.randn(2, 2, 17, 8, device='meta', requires_grad=True) for _ in range(3))
+    alphas = torch.randn(2, 3, device='meta').softmax(-1).requires_grad_()
+    out = routed_attention(q, k, v, alphas, spans, implementation=name)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, alphas))
+    assert {t.device.type for t in (out, *grads)} == {'meta'}
+    assert spans.masks.device.type == 'cpu' and spans.tensors_on(q.device) is spans.tensors_on(q.device)
+
+
+def test_kernel_build_folder_is_named_by_its_source_and_flags(monkeypatch, tmp_path):
+    """Checkouts share a build only when it is the same build: same source and flags, same folder."""
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    source = shared_scores_cpu.SOURCE.read_bytes()
+    copy = tmp_path / 'another_checkout.cpp'  # the same file in another checkout
+    copy.write_bytes(source)
+    folder = shared_scores_cpu.build_directory()
+    assert folder.parent == tmp_path and folder.name.startswith(shared_scores_cpu.NAME)
+    assert shared_scores_cpu.build_directory(copy.read_bytes()) == folder
+    edited = shared_scores_cpu.build_directory(source.replace(b'{', b'{ ', 1))
+    other_flags = shared_scores_cpu.build_directory(source, ['-O2', '-fopenmp'])
+    assert len({folder, edited, other_flags}) == 3

@@ -1,36 +1,10 @@
-"""span_masks, routed_attention and the Router against hand-checked cases and a float64 reference."""
-import itertools
-import math
-
+"""span_masks, Spans, routed_attention and the Router against hand-checked cases and a float64 reference."""
 import pytest
 import torch
 
-from model.trar import Router, routed_attention, span_masks
-
-
-def reference_masks(h: int, w: int, orders, prefix: int = 1) -> torch.Tensor:
-    """Masks by brute force over token pairs."""
-    n = prefix + h * w
-    masks = torch.zeros(len(orders), n, n, dtype=torch.bool)
-    for l, order in enumerate(orders):
-        for i, j in itertools.product(range(n), range(n)):
-            if i < prefix or j < prefix or order == 0:
-                masks[l, i, j] = True
-            else:
-                (ri, ci), (rj, cj) = divmod(i - prefix, w), divmod(j - prefix, w)
-                masks[l, i, j] = max(abs(ri - rj), abs(ci - cj)) <= order
-    return masks
-
-
-def reference_routed_attention(q, k, v, masks, alphas):
-    """The formula, order by order, in float64 with an explicit exp-normalise softmax."""
-    q, k, v, alphas = q.double(), k.double(), v.double(), alphas.double()
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    out = torch.zeros_like(q)
-    for l in range(masks.shape[0]):
-        e = torch.exp(scores - scores.max(dim=-1, keepdim=True).values) * masks[l]
-        out = out + alphas[:, l, None, None, None] * (e / e.sum(dim=-1, keepdim=True)) @ v
-    return out
+from model.attention import Spans, routed_attention, span_masks
+from model.trar import Router
+from tests.conftest import reference_masks, reference_routed_attention
 
 
 def test_span_masks_by_hand_3x3():
@@ -65,6 +39,28 @@ def test_span_masks_match_brute_force(grid, orders, prefix):
 def test_span_masks_reject_bad_orders(grid, orders):
     with pytest.raises(ValueError, match='order'):
         span_masks(grid, orders)
+    with pytest.raises(ValueError, match='order'):
+        Spans(grid, orders)
+
+
+@pytest.mark.parametrize('grid, orders, prefix', [((4, 4), [0, 1, 2], 1), ((3, 5), [2, 1], 0), ((2, 6), [0, 4], 3)])
+def test_spans_hold_the_masks_and_layout_of_their_grid(grid, orders, prefix):
+    """One `Spans` carries any grid and number of prefix tokens: its masks are the brute-force ones, and they and
+    the layout move with `.to()` (non-persistent buffers: nothing in a state dict)."""
+    spans = Spans(grid, orders, prefix)
+    assert (spans.grid, spans.orders, spans.num_prefix_tokens) == (grid, tuple(orders), prefix)
+    assert spans.num_tokens == prefix + grid[0] * grid[1]
+    assert torch.equal(spans.masks, reference_masks(*grid, orders, prefix))
+    assert spans.state_dict() == {}
+    moved = spans.to('meta')
+    assert {t.device.type for t in moved.tensors_on(torch.device('meta'))} == {'meta'}
+
+
+@pytest.mark.parametrize('q_shape, alphas_shape', [((2, 1, 16, 4), (2, 2)), ((2, 1, 17, 4), (2, 3))])
+def test_routed_attention_rejects_inputs_that_do_not_fit_the_spans(q_shape, alphas_shape):
+    q = torch.zeros(q_shape)
+    with pytest.raises(ValueError, match=r'do not fit 1 prefix tokens, a 4x4 grid and orders \[0, 1\]'):
+        routed_attention(q, q, q, torch.zeros(alphas_shape), Spans(4, [0, 1]))
 
 
 CASES = [  # (batch, heads, grid, orders, head_dim)
@@ -82,10 +78,9 @@ def test_routed_attention_matches_reference_forward_and_backward(batch, heads, g
     n = 1 + grid[0] * grid[1]
     q, k, v = (torch.randn(batch, heads, n, head_dim, requires_grad=True) for _ in range(3))
     alphas = torch.randn(batch, len(orders)).softmax(-1).requires_grad_()
-    masks = span_masks(grid, orders)
     grad_out = torch.randn(batch, heads, n, head_dim)
 
-    out = routed_attention(q, k, v, masks, alphas)
+    out = routed_attention(q, k, v, alphas, Spans(grid, orders))
     grads = torch.autograd.grad(out, (q, k, v, alphas), grad_out)
     ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v, alphas)]
     ref = reference_routed_attention(*ref_inputs[:3], reference_masks(*grid, orders), ref_inputs[3])
@@ -104,7 +99,7 @@ def test_inference_with_one_hot_weights_computes_each_sample_once():
     choice = torch.tensor([2, 0, 1, 2, 2])
     alphas = torch.nn.functional.one_hot(choice, 3).float()
     with torch.no_grad():
-        out = routed_attention(q, k, v, span_masks(grid, orders), alphas, grid=grid, orders=orders, binarized=True)
+        out = routed_attention(q, k, v, alphas, Spans(grid, orders), binarized=True)
     expected = reference_routed_attention(q, k, v, reference_masks(*grid, orders), alphas)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 
@@ -113,7 +108,7 @@ def test_routed_attention_one_hot_alpha_is_that_span():
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 2, 17, 8) for _ in range(3))
     masks = span_masks(4, [0, 1])
-    local_only = routed_attention(q, k, v, masks, torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    local_only = routed_attention(q, k, v, torch.tensor([[0.0, 1.0], [0.0, 1.0]]), Spans(4, [0, 1]))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=masks[1])
     torch.testing.assert_close(local_only, expected)
 

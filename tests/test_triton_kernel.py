@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.trar import span_masks
-from tests.test_trar import reference_routed_attention
+from model.attention import span_masks
+from tests.conftest import reference_routed_attention
 
 triton = pytest.importorskip('triton', reason='Triton is not installed')
 import triton.language as tl  # noqa: E402

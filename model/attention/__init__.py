@@ -1,14 +1,29 @@
-"""Implementations of routed attention, one file each; `model.trar.routed_attention` picks one.
+"""Routed attention, the whole of it: `routed_attention(q, k, v, alphas, spans)` picks one implementation.
 
-- `shared_scores`: one score matrix shared by every order, a custom autograd Function (CPU; any device); on the
-  CPU its softmaxes and mixed map are the fused C++ kernel of `shared_scores_cpu` (.cpp), built on first use.
-- `flex`: flash SDPA for the global orders and one FlexAttention call for the local ones (CUDA).
-- `dense`: one fused masked SDPA per order (training with attention dropout; any device) and the explicit mixed
-  map (pictures).
-- `banded`: binarized inference, each image computing only the span its router chose.
+- `spans`: the grid, orders and prefix tokens (`Spans`), their masks and layout.
+- `settings`: implementation names, device defaults and every environment variable.
+- `interface`: the entry point and the choice of implementation (`implementation_for`).
+- One file per implementation: `shared_scores` (one score matrix shared by every order; on the CPU its fused C++
+  kernel, `shared_scores_cpu`), `flex` (FlexAttention + flash SDPA, CUDA), `triton` (fused kernels, CUDA),
+  `dense` (one masked SDPA per order; training with attention dropout; the explicit map for pictures) and `banded`
+  (binarized inference, each image computing only the span its router chose).
+
+The names below are imported from their modules on first use, so that `python -m model.attention.shared_scores_cpu`
+(make's kernel build) loads nothing else. docs/attention.md explains the implementations and the choice.
 """
+import importlib
+
+_EXPORTS = {
+    'interface': ('implementation_for', 'routed_attention'),
+    'settings': ('CHOICES', 'CUDA_DEFAULT', 'IMPLEMENTATIONS', 'set_implementation', 'use_implementation'),
+    'spans': ('SpanLayout', 'Spans', 'as_grid', 'check_orders', 'is_global_order', 'span_layout', 'span_masks'),
+    'dense': ('routed_attention_maps',),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
 
 
-def is_global_order(order: int, grid: tuple[int, int]) -> bool:
-    """Order 0, or a window reaching every patch of the grid: global attention (`span_masks` allows all of it)."""
-    return order == 0 or order >= max(grid) - 1
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f'.{_MODULE_OF[name]}', __name__), name)

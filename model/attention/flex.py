@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from . import is_global_order
+from .spans import is_global_order
 
 BLOCK_SIZE = 128  # query and key tokens per block of the BlockMask
 

@@ -1,11 +1,12 @@
 """The fused CPU kernel of shared-scores routed attention (shared_scores_cpu.cpp): the softmaxes, the mixed map and
 their gradients in one pass per row, in cache, instead of a dozen passes of PyTorch ops over (N, N) tensors.
 
-It is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja: about 30 s, once per machine
-and torch version; `make` does it when it creates .venv) for the instruction set torch reports. Where it cannot be built, a
-one-line warning says why and routed attention runs its PyTorch ops; `TRAR_CPU_KERNEL=0` asks for those.
+It is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja: about 30 s, once per source,
+flags, Python and torch version; `make` does it when it creates .venv) for the instruction set torch reports. Where
+it cannot be built, a one-line warning says why and routed attention runs its PyTorch ops; `TRAR_CPU_KERNEL=0` asks for those.
 """
 import functools
+import hashlib
 import logging
 import os
 import sys
@@ -14,10 +15,13 @@ from pathlib import Path
 
 import torch
 
+from . import settings
+
 SOURCE = Path(__file__).with_suffix('.cpp')
 NAME = 'trar_shared_scores_cpu'
 # Compiler flags per instruction set (torch.backends.cpu.get_cpu_capability()): ATen's vector types use the
 # instructions the CPU_CAPABILITY macros name; other CPUs get the portable code.
+LINK_FLAGS = ['-fopenmp']
 ISA_FLAGS = {'AVX2': ['-mavx2', '-mfma'], 'AVX512': ['-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx512dq', '-mfma']}
 
 
@@ -42,13 +46,16 @@ def score_grads(grad_map, maps, rows, index, widths, scale) -> tuple[torch.Tenso
     return grad_scores, grad_rows  # pybind returns a list
 
 
-def build_directory() -> Path:
-    """Where the kernel is built: one directory per Python, torch and instruction set, under torch's extensions
-    directory (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions)."""
-    root = os.environ.get('TORCH_EXTENSIONS_DIR') or Path.home() / '.cache' / 'torch_extensions'
+def build_directory(source: bytes | None = None, flags: list[str] | None = None) -> Path:
+    """Where the kernel is built: one directory per build, under torch's extensions directory (`TORCH_EXTENSIONS_DIR`,
+    else ~/.cache/torch_extensions). Its name holds Python, torch and the instruction set, and a hash of the kernel's
+    source, its compile and link flags and those three, so that checkouts share a build only when it is the same build."""
+    source = SOURCE.read_bytes() if source is None else source
+    flags = [*compile_flags(), *LINK_FLAGS] if flags is None else flags
     tag = f'py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-' \
           f'{torch.backends.cpu.get_cpu_capability()}'
-    return Path(root) / f'{NAME}-{tag}'.replace('+', '_')
+    digest = hashlib.sha256(b'\0'.join([source, ' '.join(flags).encode(), tag.encode()])).hexdigest()[:16]
+    return settings.extensions_root() / f'{NAME}-{tag}-{digest}'.replace('+', '_')
 
 
 def compile_flags() -> list[str]:
@@ -62,7 +69,7 @@ def compile_flags() -> list[str]:
 @functools.cache
 def kernel():
     """The compiled kernel module, or None where it is not wanted or cannot be built (warned once)."""
-    if os.environ.get('TRAR_CPU_KERNEL', '1') == '0':
+    if not settings.cpu_kernel_enabled():
         return None
     logging.getLogger('torch.utils.cpp_extension').addFilter(_not_about_cuda)
     from torch.utils import cpp_extension
@@ -73,7 +80,7 @@ def kernel():
             print(f"building routed attention's CPU kernel in {directory} (once, about 30 s)", file=sys.stderr)
         directory.mkdir(parents=True, exist_ok=True)
         os.environ['PATH'] = os.pathsep.join(filter(None, [ninja_directory(), path]))  # torch runs `ninja`
-        return cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=['-fopenmp'],
+        return cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=LINK_FLAGS,
                                   build_directory=str(directory))
     except (Exception, SystemExit) as error:  # no compiler or ninja, a failed build: the PyTorch ops still work
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -32,8 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import is_global_order
-from ..trar import check_orders
+from .spans import check_orders, is_global_order
 
 # Decided by Triton when the kernels below are decorated: interpreted kernels take CPU tensors.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
