@@ -269,9 +269,10 @@ def test_every_implementation_builds_on_the_inputs_device(device_audit):
         for name in ('shared_scores', 'dense'):
             routed_attention(q, k, v, alphas, spans, implementation=name).sum().backward()
         routed_attention(q, k, v, alphas, spans, 0.5).sum().backward()
-        with torch.no_grad():
-            routed_attention(q, k, v, alphas, spans, implementation='flex')
-            routed_attention(q, k, v, one_hot, Spans((4, 5), [0, 1, 2]), binarized=True)
+        with torch.no_grad():  # inference: flex runs forward only on the CPU
+            routed_attention(q.detach(), k.detach(), v.detach(), alphas, spans, implementation='flex')
+            one_prefix = inputs(3, 2, (4, 5), [0, 1, 2], 8)[:3]  # the per-image path takes one prefix token
+            routed_attention(*one_prefix, one_hot, Spans((4, 5), [0, 1, 2]), binarized=True)
     assert device_audit.undevised == []
 
 
@@ -284,9 +285,12 @@ def test_device_audit_sees_a_tensor_made_without_a_device():
 
 
 @pytest.mark.parametrize('name', ['shared_scores', 'dense'])
-def test_spans_made_on_the_cpu_serve_inputs_on_another_device(name):
+def test_spans_made_on_the_cpu_serve_inputs_on_another_device(monkeypatch, name):
     """On the meta device (a stand-in for a GPU) with spans built on the CPU, as a benchmark passes them: the
     output and every gradient are on the inputs' device, and the spans' tensors are copied there once."""
+    import contextlib
+
+    monkeypatch.setattr(torch, 'autocast', lambda *args, **kwargs: contextlib.nullcontext())  # no meta autocast
     spans = Spans((4, 4), [0, 1, 2])
     q, k, v = (torch.randn(2, 2, 17, 8, device='meta', requires_grad=True) for _ in range(3))
     alphas = torch.randn(2, 3, device='meta').softmax(-1).requires_grad_()
