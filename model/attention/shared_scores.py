@@ -1,18 +1,9 @@
 """Routed attention from one shared score matrix: the CPU implementation (it runs on any device).
 
-Every order's map is a softmax of the same scores, so the scores are computed once: the global orders
-share one softmax, the local orders need only the few scores inside their windows (a `SpanLayout`), and
-the mixed map is built from them and applied to V with one product. Backward recomputes the softmaxes
-chunk by chunk instead of keeping them, so training holds no (N, N) tensor per layer; only small calls
-(`KEEP_ELEMENTS`), where recomputing costs more time than keeping costs memory, keep them.
-
-The routing weights enter as per-row weights (`alphas @ SpanLayout.mixing`, plain autograd), so the custom Function
-is attention with weighted rows: `(full * softmax(S) + sum_l local_l * window softmax_l(S)) v`.
-
-Between the products with q, k and v, two paths compute the same maps and gradients: on a CPU in float32 or
-float64, the fused C++ kernel of `shared_scores_cpu` (one pass per row, in cache); elsewhere, or where the kernel
-cannot be built, or under torch.compile (which fuses on its own), the PyTorch ops below, which the tests check the
-kernel against.
+Every order's map is a softmax of the same scores, so they are computed once, the local orders read only their
+windows (a `SpanLayout`), and backward recomputes the softmaxes chunk by chunk instead of keeping them. On a CPU in
+float32 or float64 the softmaxes and mixed map are the fused C++ kernel of `shared_scores_cpu`; elsewhere, or under
+torch.compile, the PyTorch ops below, which the tests check the kernel against. docs/attention.md explains the method.
 """
 from typing import NamedTuple
 
