@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import modeling  # noqa: E402
 from model.config import get_config, parse_orders  # noqa: E402
 from model.modeling import VisionTransformer  # noqa: E402
-from model.attention import Spans  # noqa: E402
+from model.attention import Spans, check_orders  # noqa: E402
 from model.attention.dense import dense_routed_attention  # noqa: E402
 from model.attention.shared_scores import chunks  # noqa: E402
+
 
 
 def stacked_attention(q, k, v, masks, alphas, dropout_p=0.0, **spans):
@@ -170,26 +172,51 @@ ATTENTION = {'routed_attention': modeling.routed_attention, 'stacked (original)'
              'fused SDPA per order': dense_routed_attention, 'plain attention': plain_attention}
 
 
-def attention_steps(args, device: torch.device, layers: int) -> dict:
-    """The ATTENTION implementations alone at the model's shapes: `layers` forwards, then one backward through
-    all of them, as a training step runs its blocks (each layer keeps what its backward needs)."""
+class AttentionInputs(NamedTuple):
+    """q, k, v, masks and routing weights at a model's attention shapes, and routed attention as the model calls it."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    masks: torch.Tensor
+    alphas: torch.Tensor
+    routed: Callable[..., torch.Tensor]  # routed(q, k, v, masks, alphas), with `spans` bound
+    spans: Spans
+
+    def routed_output(self) -> torch.Tensor:
+        """Routed attention's output, outside autograd (detached inputs: CPU flex attention refuses any others)."""
+        with torch.no_grad():
+            return self.routed(*(t.detach() for t in (self.q, self.k, self.v, self.masks, self.alphas)))
+
+
+def attention_inputs(args, device: torch.device) -> AttentionInputs:
+    """Random q, k, v (B, H, N, d) requiring gradients, the span masks and routing weights (routers learn) of the
+    benchmarked model at args' image size, batch and orders."""
     config = model_config(args)
     grid = args.img_size // config.patches.size[0]
     n, heads = grid * grid + 1, config.transformer.num_heads
     dim = config.hidden_size // heads
-    orders = parse_orders(args.orders)
-    spans = Spans(grid, orders).to(device)
-    masks = spans.masks
+    spans = Spans(grid, parse_orders(args.orders)).to(device)  # as the model: built once, moved with it
     dtype = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
     q, k, v = (torch.randn(args.batch, heads, n, dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
-    alphas = torch.randn(args.batch, len(orders), device=device).softmax(-1).requires_grad_()  # routers learn
+    alphas = torch.randn(args.batch, len(spans.orders), device=device).softmax(-1).requires_grad_()
+
+    def routed(q, k, v, masks, alphas):  # what the model passes: every implementation can run
+        return modeling.routed_attention(q, k, v, alphas, spans)
+    return AttentionInputs(q, k, v, spans.masks, alphas, routed, spans)
+
+
+def attention_steps(args, device: torch.device, layers: int, inputs: AttentionInputs | None = None) -> dict:
+    """The ATTENTION implementations alone at the model's shapes: `layers` forwards, then one backward through
+    all of them, as a training step runs its blocks (each layer keeps what its backward needs)."""
+    q, k, v, masks, alphas, routed, _ = inputs or attention_inputs(args, device)
 
     def step_of(function):
         def step():
             sum(function(q, k, v, masks, alphas) for _ in range(layers)).sum().backward()
             q.grad = k.grad = v.grad = alphas.grad = None
         return step
+
     def products_only():
         """The seven (N, N) x (N, d) products of exact attention fwd+bwd with recomputed scores, nothing else,
         in routed_attention's chunks of heads (which run them faster than one big batch on a CPU)."""
@@ -202,8 +229,7 @@ def attention_steps(args, device: torch.device, layers: int) -> dict:
                 grad_map = grad_out @ cv.transpose(-2, -1)
                 scores.transpose(-2, -1) @ grad_out, grad_map @ ck, grad_map.transpose(-2, -1) @ cq
 
-    def routed(q, k, v, masks, alphas):  # what the model passes: every implementation can run
-        return modeling.routed_attention(q, k, v, alphas, spans)
+    # The model's call: every implementation can run.
     steps = {name: step_of(function) for name, function in (ATTENTION | {'routed_attention': routed}).items()}
     return steps | {'products_only': products_only} if layers == 1 else steps
 
@@ -278,7 +304,26 @@ def matmul_rate(device: torch.device) -> float:
     return 10 * 2 * 8192 ** 3 / (time.perf_counter() - start)
 
 
-def main() -> None:
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Every setting checked before anything is built: one line naming the value and what was expected."""
+    for flag, least in (('batch', 1), ('repeats', 1), ('warmup', 0), ('threads', 1), ('attention_layers', 1)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag} {getattr(args, flag)}: expected an integer of at least {least}")
+    patch = model_config(args).patches.size[0]
+    if args.img_size < patch or args.img_size % patch:
+        p.error(f"--img_size {args.img_size}: expected a positive multiple of the patch size, {patch}")
+    try:
+        orders = parse_orders(args.orders)
+        if not orders:
+            raise ValueError("expected at least one order, e.g. '0,1,2'")
+        check_orders(orders, args.img_size // patch)
+    except ValueError as error:
+        p.error(f"--orders {args.orders}: {error}")
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here; expected --device cpu")
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--img_size', type=int, default=384)
     p.add_argument('--batch', type=int, default=2)
@@ -294,9 +339,10 @@ def main() -> None:
     p.add_argument('--no_memory', action='store_true', help='skip the peak-memory measurements')
     p.add_argument('--preset', choices=sorted(PRESETS),
                    help="another model than ViT-B/16: 'demo' is scripts/demo.sh's (its image size, batch, orders)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.preset:
         vars(args).update(PRESETS[args.preset])
+    check_args(p, args)
     sys.stdout.reconfigure(line_buffering=True)  # every row shows as soon as it is measured
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -1,5 +1,10 @@
 """Every routed attention implementation on CUDA against the float64 formula, forward and backward, in float32 and
 under bf16 and fp16 autocast; binarized dispatch; a training step that never waits for the host. Skipped without a GPU.
+
+Sized for benchmarks/gpu_check.py's few minutes: flex attention compiles one graph per shape and dtype (10 to 25 s
+each with Inductor), so it is checked at the ViT-B/16 shape in bf16 and on one small case in float32, not on every
+case; the other implementations compile nothing (Triton's kernels take seconds) and run every case. Tests and their
+parameters run most valuable first: Triton, dense and shared scores, then flex.
 """
 import importlib.util
 import math
@@ -22,14 +27,35 @@ CASES = [  # (batch, heads, grid, orders, head_dim, prefix tokens)
     (2, 2, (3, 4), [0, 1], 32, 2),        # two prefix tokens
     (2, 2, (24, 24), [0, 1, 2, 3], 64, 1),  # ViT-B/16 at 384 px: 577 tokens, several key blocks
 ]
+FLEX_CASES = [  # (batch, heads, grid, orders, head_dim, prefix tokens, precision): two compiled graphs
+    (2, 12, (24, 24), [0, 1, 2], 64, 1, 'bf16'),  # ViT-B/16 at 384 px: several key blocks, most of them skipped
+    (2, 3, (6, 6), [2, 0, 1], 32, 1, 'fp32'),      # orders unsorted, float32 exactness
+]
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+PRIORITY = ('triton', 'dense', 'shared_scores', 'flex')  # the order tests run them in
 
 
-def implementations():
-    """Each implementation; `triton` only where Triton is installed."""
+def implementations(*excluded: str):
+    """Each implementation but `excluded`, in PRIORITY order; `triton` only where Triton is installed."""
+    names = [n for n in PRIORITY if n in IMPLEMENTATIONS] + [n for n in IMPLEMENTATIONS if n not in PRIORITY]
+    names = [n for n in names if n not in excluded]
     return [pytest.param(name, marks=pytest.mark.skipif(name == 'triton' and importlib.util.find_spec('triton') is None,
                                                         reason='triton is not installed'))
-            for name in IMPLEMENTATIONS]
+            for name in names]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def room_for_every_graph():
+    """Dynamo's recompile limit (8) above what these tests compile, so that none silently falls back to eager."""
+    import torch._dynamo as dynamo
+
+    names = [name for name in ('recompile_limit', 'cache_size_limit') if hasattr(dynamo.config, name)]
+    previous = {name: getattr(dynamo.config, name) for name in names}
+    for name in names:
+        setattr(dynamo.config, name, 32)
+    yield
+    for name, value in previous.items():
+        setattr(dynamo.config, name, value)
 
 
 def formula(q, k, v, masks, alphas, dtype):
@@ -62,15 +88,26 @@ def allowed_error(plain, want, dtype):
 
 @pytest.mark.parametrize('precision', PRECISIONS)
 @pytest.mark.parametrize('batch, heads, grid, orders, head_dim, prefix', CASES)
-@pytest.mark.parametrize('name', implementations())
+@pytest.mark.parametrize('name', implementations('flex'))
 def test_implementation_matches_formula_forward_and_backward(name, batch, heads, grid, orders, head_dim, prefix,
                                                             precision):
-    """Output and the gradients of q, k, v and alphas.
+    """Output and the gradients of q, k, v and alphas (flex: `test_flex_matches_formula_forward_and_backward`).
 
     Tolerance (`allowed_error`), FlashAttention's test criterion: the implementation's largest error against the
     float64 formula is at most twice the largest error the formula itself makes when PyTorch computes it plainly in
     the same precision (scores, probabilities and products rounded to it), plus one rounding of the largest value.
     """
+    check_against_formula(name, batch, heads, grid, orders, head_dim, prefix, precision)
+
+
+@pytest.mark.parametrize('batch, heads, grid, orders, head_dim, prefix, precision', FLEX_CASES)
+def test_flex_matches_formula_forward_and_backward(batch, heads, grid, orders, head_dim, prefix, precision):
+    """Flex attention as the other implementations are checked, on the two cases it compiles."""
+    check_against_formula('flex', batch, heads, grid, orders, head_dim, prefix, precision)
+
+
+def check_against_formula(name, batch, heads, grid, orders, head_dim, prefix, precision):
+    """`name`'s output and gradients within `allowed_error` of the float64 formula's."""
     torch.manual_seed(0)
     dtype = PRECISIONS[precision]
     n = prefix + grid[0] * grid[1]

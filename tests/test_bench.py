@@ -68,3 +68,46 @@ def test_demo_preset_is_the_demo_scripts_model():
     attention = model.transformer.encoder.layer[0].attn
     assert (model.config.hidden_size, len(model.transformer.encoder.layer), attention.num_heads) == (64, 4, 4)
     assert model.grid == (8, 8) and attention.orders == [0, 1, 2] and model.head.out_features == 10
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--batch', '0'], '--batch 0: expected an integer of at least 1'),
+    (['--repeats', '0'], '--repeats 0: expected an integer of at least 1'),
+    (['--warmup', '-1'], '--warmup -1: expected an integer of at least 0'),
+    (['--threads', '0'], '--threads 0: expected an integer of at least 1'),
+    (['--attention_layers', '0'], '--attention_layers 0: expected an integer of at least 1'),
+    (['--img_size', '30'], '--img_size 30: expected a positive multiple of the patch size, 16'),
+    (['--img_size', '0'], '--img_size 0: expected a positive multiple of the patch size, 16'),
+    (['--img_size', '64', '--orders', '0,9'], r'--orders 0,9: order 9 is not in \[0, 4\) for a 4x4 patch grid'),
+    (['--orders', 'x'], "--orders x: orders 'x': expected comma-separated integers"),
+    (['--orders', 'none'], '--orders none: expected at least one order'),
+    (['--orders', '1,1'], '--orders 1,1: orders must be distinct'),
+])
+def test_bad_arguments_stop_with_one_line_before_any_work(capsys, monkeypatch, flags, message):
+    """Each refused value ends the script (exit status 2) with one line naming it, before a model is built."""
+    monkeypatch.setattr(bench, 'build', lambda *args: pytest.fail('a model was built'))
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(flags)
+    assert stopped.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r'\S+: error: ' + message + '.*', last), last
+
+
+def test_cuda_without_cuda_stops_with_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(SystemExit):
+        bench.main(['--device', 'cuda'])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        ' error: --device cuda: no CUDA device is available here; expected --device cpu')
+
+
+def test_attention_inputs_build_the_spans_on_the_inputs_device():
+    """bench's routed attention gets the model's spans (masks and layout), moved to the device of q: `meta` here,
+    so a tensor left on the CPU would show."""
+    import argparse
+
+    args = argparse.Namespace(model_type='testing', img_size=32, batch=2, orders='0,1', dtype='fp32')
+    inputs = bench.attention_inputs(args, torch.device('meta'))
+    spans = inputs.spans
+    assert {t.device.type for t in (*inputs[:5], *spans.buffers())} == {'meta'}
+    assert inputs.q.shape == (2, 2, 65, 16) and inputs.masks.shape == (2, 65, 65)

@@ -6,8 +6,14 @@ about 2^-11 and 2^-8 relative per rounding, a few of which add up through the la
 and 5% (bf16) relative error in the gradient norm. CUDA's attention backward may sum in a different order from
 run to run (atomic adds), so a resumed run is compared with an uninterrupted one within float32 rounding grown
 over a few steps, not bit for bit as on the CPU.
+
+Routed attention runs an implementation that compiles nothing with Inductor (`EAGER`; flex attention compiles
+itself, 10 to 25 s per shape), except in the compiled run, which compiles the model with the device's default:
+so benchmarks/gpu_check.py's few minutes hold the whole file.
 """
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +25,21 @@ import torch.nn.functional as F
 import train
 from model.config import get_config
 from model.modeling import VisionTransformer
+from model.attention import use_implementation
 from train_helpers import ROOT, tiny_args, weights
 from utils import checkpoint as checkpoints
 from utils.engine import Precision
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 CUDA = ['--device', 'cuda']
+EAGER = 'triton' if importlib.util.find_spec('triton') is not None else 'dense'
+
+
+@pytest.fixture(autouse=True)
+def eager_attention():
+    """Every test trains with `EAGER` routed attention unless it says otherwise."""
+    with use_implementation(EAGER):
+        yield
 
 
 def one_step_gradients(precision: Precision) -> tuple[float, torch.Tensor]:
@@ -75,10 +90,12 @@ def test_train_py_trains_in_mixed_precision_on_cuda(tmp_path, flags):
 
 
 def test_compiled_training_equals_eager_on_cuda(tmp_path):
-    """train.py --compile (Inductor) ends where eager training ends, within float32 rounding (dropout off)."""
+    """train.py --compile (Inductor, the device's default routed attention) ends where eager training with the same
+    implementation ends, within float32 rounding (dropout off)."""
     common = ('--set', 'transformer.dropout_rate=0', '--augment', 'none', '--eval_batch_size', '360', *CUDA)
-    eager = train.main(tiny_args(tmp_path, 'eager', *common, steps=3))
-    compiled = train.main(tiny_args(tmp_path, 'compiled', *common, '--compile', steps=3))
+    with use_implementation(None):
+        eager = train.main(tiny_args(tmp_path, 'eager', *common, steps=3))
+        compiled = train.main(tiny_args(tmp_path, 'compiled', *common, '--compile', steps=3))
     assert compiled['steps'] == eager['steps'] == 3
     expected, got = weights(tmp_path / 'eager' / 'last.ckpt'), weights(tmp_path / 'compiled' / 'last.ckpt')
     assert got.keys() == expected.keys()  # compiling in place keeps the state dict's keys
@@ -107,7 +124,8 @@ def test_resume_on_cuda_ends_where_the_uninterrupted_run_ends(tmp_path, monkeypa
 
 def predictions(checkpoint: Path, device: str) -> list[dict]:
     run = subprocess.run([sys.executable, 'test.py', '--ckpt', str(checkpoint), '--image', 'pic/', '--json',
-                          '--device', device], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          '--device', device], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, 'TRAR_ATTENTION': EAGER if device == 'cuda' else ''})
     assert run.returncode == 0, run.stderr[-2000:]
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{')]
 

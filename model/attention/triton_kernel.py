@@ -48,6 +48,14 @@ CUDA_LAUNCH = {
 CUDA_LAUNCH_MANY_ORDERS = dict(block_m=16, block_n=32, num_warps=8, num_stages=2)
 # The interpreter (CPU tensors): small tiles, so that small test inputs still span several blocks.
 CPU_LAUNCH = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
+# What benchmarks/gpu_check.py sweeps (its `tune` section) at each ViT-B/16 shape: the starting points above, fewer
+# warps (the 8-warp tiles hold one block per SM at 183 to 244 registers a thread), wider key tiles, deeper pipelines.
+# It keeps the fastest within tolerance and prints the CUDA_LAUNCH entries to set.
+CUDA_LAUNCH_CANDIDATES = [dict(block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in (
+    (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 64, 4, 3),
+)]
+# When set, every launch uses it instead (the sweep, and tests of any configuration).
+LAUNCH_OVERRIDE: dict | None = None
 
 LOG2E = 1.4426950408889634
 
@@ -155,7 +163,8 @@ class _Launch:
     def __init__(self, q, weights, plan: Plan, grid, prefix):
         self.batch, self.heads, self.n, self.dim = q.shape
         self.plan, self.groups = plan, weights.shape[1]
-        params = CPU_LAUNCH if q.device.type == 'cpu' else CUDA_LAUNCH.get(plan.local_pad, CUDA_LAUNCH_MANY_ORDERS)
+        params = LAUNCH_OVERRIDE or (CPU_LAUNCH if q.device.type == 'cpu'
+                                     else CUDA_LAUNCH.get(plan.local_pad, CUDA_LAUNCH_MANY_ORDERS))
         self.block_m, self.block_n = params['block_m'], params['block_n']
         scale = self.dim ** -0.5
         self.args = (self.heads, self.n, self.dim, prefix, grid[0], grid[1], plan.reach, scale, scale * LOG2E,
