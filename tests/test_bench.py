@@ -67,7 +67,7 @@ def test_demo_preset_is_the_demo_scripts_model():
     model = bench.build('trar', argparse.Namespace(**preset))
     attention = model.transformer.encoder.layer[0].attn
     assert (model.config.hidden_size, len(model.transformer.encoder.layer), attention.num_heads) == (64, 4, 4)
-    assert model.grid == (8, 8) and attention.orders == [0, 1, 2] and model.head.out_features == 10
+    assert model.grid == (8, 8) and attention.spans.orders == (0, 1, 2) and model.head.out_features == 10
 
 
 @pytest.mark.parametrize('flags, message', [
