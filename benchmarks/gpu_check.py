@@ -881,7 +881,7 @@ def settings_to_paste(check: Check) -> list[str]:
     lines = []
     fastest = fastest_eager(check)
     if fastest and check.cuda:
-        lines.append(f"model/trar.py: CUDA_DEFAULT = {fastest!r}  # fastest eager TRAR / plain step")
+        lines.append(f"model/attention/settings.py: CUDA_DEFAULT = {fastest!r}  # fastest eager TRAR / plain step")
     sizes = check.tuned.get('flex BLOCK_SIZE', {})
     if sizes:
         lines.append(f"model/attention/flex.py: BLOCK_SIZE = {max(set(sizes.values()), key=list(sizes.values()).count)}"
