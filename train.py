@@ -6,14 +6,23 @@
 `--train_batch_size` is the global batch: each process runs micro-batches of
 global / (processes x accumulation steps), so 8 processes and 1 process with 8 accumulation steps
 train the same model. The last line on stdout is a JSON summary, also written to results.json.
+`--resume auto` continues this run's own last.ckpt when there is one (a requeued or restarted job), else starts.
+
+`main` wires the pieces, each built by a small function below, then loops: utils/engine.py trains up to the
+next evaluation and returns what it measured; `main` evaluates, logs and saves (utils/checkpoint.py).
 """
-import argparse
+import sys
+
+if __name__ == '__main__':  # a Ctrl-C during the slow imports below ends with one line too
+    from utils.errors import exit_on_interrupt
+    exit_on_interrupt("interrupted before the first training step; this run wrote no checkpoint")
+
+import argparse  # noqa: E402 (the handler above comes first)
 import ast
 import json
 import math
 import random
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict
@@ -33,12 +42,12 @@ from model import pretrained as pretrained_weights
 from model.modeling import VisionTransformer
 from utils import checkpoint as checkpoints
 from utils import dist_util
+from utils.checkpoint import CheckpointSaver
 from utils.data_utils import (AUGMENTS, DATASETS, Augmented, ShardedSampler, UnreadableImage, check_same_classes,
                               collate_skipping_none, get_eval_transform, get_train_transform, load_split)
-from utils.engine import (OPT_LEVELS, Precision, RunState, Throughput, evaluate, log_routing, peak_memory_mib,
-                          train_one_epoch)
-from utils.errors import (RunError, exit_with, interrupts_deferred, one_line, raise_lost_interrupt,
-                          stop_at_first_interrupt)
+from utils.engine import (OPT_LEVELS, Evaluation, Optimization, Precision, RunState, TrainingData, TrainStats,
+                          evaluate, peak_memory_mib, train_until)
+from utils.errors import RunError, command_line, stop_at_first_interrupt
 from utils.files import RunFolder, describe, write_atomic
 from utils.scheduler import DECAY_TYPES, TAU_POLICIES, build_scheduler, tau_at
 
@@ -47,9 +56,14 @@ OFFICIAL_MODELS = ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')
 # Arguments that shape the trajectory: resuming with other values continues, but not exactly.
 TRAJECTORY_ARGS = ('dataset', 'seed', 'train_batch_size', 'learning_rate', 'weight_decay', 'num_steps', 'decay_type',
                    'warmup_steps', 'max_grad_norm', 'augment', 'tau_policy', 'fp16', 'fp16_opt_level', 'amp_dtype')
+LOG_EVERY = 10  # steps between training scalars in TensorBoard
 
 
-def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+# ---------------------------------------------------------------------------------------------
+# Arguments and config
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--name', required=True, help='name of this run: outputs go to <output_dir>/<name>/')
     p.add_argument('--dataset', choices=DATASETS, default='cifar10')
@@ -91,6 +105,18 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--compile', action='store_true', help='torch.compile the model (training and evaluation)')
     p.add_argument('--local_rank', '--local-rank', type=int, default=-1,
                    help='ignored (torchrun sets LOCAL_RANK); accepted for torch.distributed.launch')
+    p.add_argument('--resume', choices=('auto',), default=None,
+                   help="auto: continue this run's own last.ckpt (<output_dir>/<name>/last.ckpt) when it exists and "
+                        "was trained with the same settings, else start afresh (for requeued or restarted jobs)")
+    p.add_argument('--attention', default=None,
+                   help="routed attention implementation: auto (chosen by device) or a name, e.g. shared_scores, "
+                        "flex, triton, dense; sets config transformer.attention (default: the config's)")
+    return p
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, every value checked (one line naming a bad one)."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.loss_scale < 0 or (args.loss_scale > 0 and not math.log2(args.loss_scale).is_integer()):
         p.error(f"--loss_scale {args.loss_scale:g}: expected 0 (dynamic) or a power of two")
@@ -106,8 +132,12 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.amp_dtype is not None and not args.fp16:
         p.error(f"--amp_dtype {args.amp_dtype} takes effect only with --fp16: expected --fp16 --amp_dtype "
                 f"{args.amp_dtype}, or no --amp_dtype for float32")
+    if args.resume and args.resume_path:
+        p.error(f"--resume {args.resume} and --resume_path {args.resume_path}: expected one of them")
     args.amp_dtype = args.amp_dtype or 'fp16'
     return args
+
+
 
 
 def parse_field(key: str, text: str, current):
@@ -154,7 +184,32 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
             raise ValueError(f"--set {key}={text}: {key} is a group of fields; expected one of "
                              + ', '.join(f'{key}.{name}' for name in node[field]))
         node[field] = parse_field(key, text, node[field])
+    if args.attention is not None:
+        set_attention(config, args.attention)
     return validate_config(config)
+
+
+def set_attention(config: ml_collections.ConfigDict, name: str) -> None:
+    """--attention: the config field `transformer.attention`, which validate_config checks."""
+    if 'attention' in config.transformer:
+        config.transformer.attention = name
+        return
+    # TODO: remove once every config has transformer.attention: until then the process-wide choice does the same.
+    from model import trar
+    if name != 'auto' and name not in trar.IMPLEMENTATIONS:
+        raise ValueError(f"--attention {name}: expected auto or one of {', '.join(trar.IMPLEMENTATIONS)}")
+    trar.set_implementation(None if name == 'auto' else name)
+
+
+def attention_in_use(model: VisionTransformer, device: torch.device) -> str | None:
+    """The routed attention implementation the model runs on `device` (None for a plain ViT), for results.json."""
+    if not model.is_routed:
+        return None
+    chosen = getattr(model, 'attention_implementation', None)
+    if chosen is not None:
+        return chosen() if callable(chosen) else chosen
+    from model import trar  # TODO: the model's own record once the attention interface has one
+    return trar.implementation_for(device)
 
 
 def read_pretrained(args: argparse.Namespace) -> pretrained_weights.Pretrained | None:
@@ -169,18 +224,237 @@ def read_pretrained(args: argparse.Namespace) -> pretrained_weights.Pretrained |
     return pretrained_weights.read(path)
 
 
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def warn_if_trajectory_changes(saved: dict, args: argparse.Namespace) -> None:
-    changed = [f"--{key} {saved.get(key)!r} -> {getattr(args, key)!r}" for key in TRAJECTORY_ARGS
-               if key in saved and saved[key] != getattr(args, key)]
+def micro_batch_size(args: argparse.Namespace, world: int) -> int:
+    """Each process's micro-batch: the global batch over processes and accumulation steps."""
+    accumulation = args.gradient_accumulation_steps
+    if args.train_batch_size % (world * accumulation):
+        raise ValueError(f"--train_batch_size {args.train_batch_size} is not divisible by {world} processes x "
+                         f"{accumulation} accumulation steps")
+    return args.train_batch_size // (world * accumulation)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder and resuming
+
+
+def changed_settings(saved: dict, args: argparse.Namespace) -> list[str]:
+    """The trajectory settings (TRAJECTORY_ARGS) a checkpoint's run had other than this one's."""
+    return [f"--{key} {saved.get(key)!r} -> {getattr(args, key)!r}" for key in TRAJECTORY_ARGS
+            if key in saved and saved[key] != getattr(args, key)]
+
+
+def auto_resume_path(args: argparse.Namespace, out_dir: Path) -> str | None:
+    """--resume auto: this run's last.ckpt when it exists and its settings match, None to start afresh; says which.
+
+    A last.ckpt with other settings is another run: refused, or with --overwrite replaced by a fresh start.
+    """
+    last = out_dir / 'last.ckpt'
+    if not last.is_file():
+        print(f"--resume auto: no {last} yet, starting afresh", file=sys.stderr, flush=True)
+        return None
+    saved = checkpoints.load(last, checkpoints.RESUME_KEYS)
+    changed = changed_settings(saved.get('args', {}), args)
+    if changed and not args.overwrite:
+        raise ValueError(f"--resume auto: {last} was trained with other settings ({', '.join(changed)}): expected "
+                         "the same settings to continue it, or --overwrite to start afresh")
     if changed:
+        print(f"--resume auto: {last} has other settings, starting afresh (--overwrite)", file=sys.stderr, flush=True)
+        return None
+    print(f"--resume auto: continuing {last} from step {saved['step']}", file=sys.stderr, flush=True)
+    return str(last)
+
+
+def resume_from(args: argparse.Namespace, out_dir: Path, main_process: bool) -> str | None:
+    """The checkpoint this run continues (--resume_path, or --resume auto's choice); None for a new run.
+    The main process decides and every process follows (a collective)."""
+    if args.resume != 'auto':
+        return args.resume_path
+    choice, refused = None, None
+    if main_process:
+        try:
+            choice = auto_resume_path(args, out_dir)
+        except (ValueError, OSError) as error:
+            refused = error
+    dist_util.raise_first_error(refused)
+    return dist_util.all_gather_objects(choice)[0]
+
+
+def take_run_folder(out_dir: Path, resume_path: str | None, overwrite: bool, main_process: bool) -> RunFolder | None:
+    """The run folder, checked and locked by the main process before anything slow; every process stops if it
+    is refused."""
+    run_folder, refused = None, None
+    if main_process:
+        try:
+            run_folder = RunFolder(out_dir, resume_path, overwrite)
+        except ValueError as error:
+            refused = error
+    dist_util.raise_first_error(refused)
+    return run_folder
+
+
+def read_resume(path: str | None, identity: dict, args: argparse.Namespace, main_process: bool) -> dict | None:
+    """The checkpoint to continue, checked to be of this model; a warning names the settings that changed."""
+    if path is None:
+        return None
+    resume = checkpoints.load(path, checkpoints.RESUME_KEYS)
+    checkpoints.check_compatible({**resume, 'config': with_added_fields(resume['config'])}, identity)
+    changed = changed_settings(resume.get('args', {}), args)
+    if changed and main_process:
         print("warning: resuming with other settings, the run will not match an uninterrupted one: "
               + ', '.join(changed), file=sys.stderr)
+    return resume
+
+
+def restore(resume: dict, optimization: Optimization, rank: int, world: int, main_process: bool) -> RunState:
+    """Optimizer, scheduler, loss scaler and random states from `resume`; returns where the run stood."""
+    optimization.optimizer.load_state_dict(resume['optimizer'])
+    optimization.scheduler.load_state_dict(resume['scheduler'])
+    scaler = optimization.precision.scaler
+    if scaler is not None and resume.get('scaler'):
+        scaler.load_state_dict(resume['scaler'])
+    if len(resume['rng']) == world:
+        checkpoints.set_rng_state(resume['rng'][rank])
+    elif main_process:
+        print(f"warning: the checkpoint was written by {len(resume['rng'])} processes, this run has {world}: "
+              "random states are not restored", file=sys.stderr)
+    return RunState(**{field: resume[field] for field in RunState.__dataclass_fields__ if field in resume})
+
+
+def checkpoint_state(model: VisionTransformer, optimization: Optimization, state: RunState, identity: dict,
+                     args: argparse.Namespace, class_names: list[str]) -> dict:
+    """Everything an exact resume needs (a collective: it gathers every process's random states)."""
+    scaler = optimization.precision.scaler
+    return {
+        'state_dict': model.state_dict(), **asdict(state), **identity, 'dataset': args.dataset,
+        'class_names': class_names, 'args': vars(args),
+        'optimizer': optimization.optimizer.state_dict(), 'scheduler': optimization.scheduler.state_dict(),
+        'scaler': scaler.state_dict() if scaler is not None else None,
+        'rng': dist_util.all_gather_objects(checkpoints.rng_state()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimisation and data
+
+
+def build_model(args: argparse.Namespace, config: ml_collections.ConfigDict, num_classes: int,
+                resume: dict | None, pretrained, main_process: bool) -> VisionTransformer:
+    """The model, with the weights of the run it continues or of the pretrained checkpoint (new head)."""
+    model = VisionTransformer(config, img_size=args.img_size, num_classes=num_classes, zero_head=True)
+    if resume is not None:
+        model.load_state_dict(resume['state_dict'])
+    elif pretrained is not None:
+        pretrained_weights.load_pretrained(model, pretrained)
+        if pretrained.layout == 'train.py' and main_process:
+            print(f"note: {pretrained.path} is a train.py checkpoint: its weights start a new fine-tune with a fresh "
+                  f"head; to continue that run instead, pass --resume_path {pretrained.path}", file=sys.stderr)
+    return model
+
+
+def build_optimization(args: argparse.Namespace, model: VisionTransformer, device: torch.device,
+                       world: int) -> tuple[torch.nn.Module, Optimization]:
+    """The model on its device (compiled, DDP-wrapped for several processes) and what its steps need: SGD with
+    momentum 0.9, warmup then decay, mixed precision, and hard routing's temperature schedule."""
+    precision = Precision.from_args(args.fp16, args.fp16_opt_level, args.amp_dtype, args.loss_scale, device)
+    model.to(device=device, dtype=precision.model_dtype)
+    if args.compile:
+        model.compile()  # in place: the state dict keeps its keys, DDP wraps the compiled module
+    trained = model
+    if world > 1:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9,
+                                weight_decay=args.weight_decay)
+    scheduler = build_scheduler(optimizer, args.decay_type, args.warmup_steps, args.num_steps)
+    transformer = model.config.transformer
+    tau = None
+    if model.is_routed and transformer.routing == 'hard':
+        tau = partial(tau_at, total_steps=args.num_steps, warmup_steps=args.warmup_steps, tau_max=transformer.tau_max,
+                      tau_min=transformer.tau_min, policy=args.tau_policy)
+    return trained, Optimization(optimizer, scheduler, precision, args.gradient_accumulation_steps,
+                                 args.max_grad_norm, tau)
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[Augmented, Augmented]:
+    """The training and validation sets, with the same classes."""
+    train_images = load_split(args.dataset, args.data_dir, True, args.skip_corrupt)
+    val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt)
+    check_same_classes(train_images, val_images)
+    return (Augmented(train_images, get_train_transform(args.img_size, args.augment), args.seed),
+            Augmented(val_images, get_eval_transform(args.img_size), args.seed))
+
+
+def build_loaders(args: argparse.Namespace, train_set: Augmented, val_set: Augmented, micro_batch: int,
+                  device: torch.device) -> tuple[TrainingData, DataLoader]:
+    """The training order is a function of (seed, epoch), resumable mid-epoch; validation is split into disjoint
+    shards, so every image is counted exactly once."""
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    sampler = ShardedSampler(len(train_set), args.train_batch_size, rank, world, args.seed)
+    collate = partial(collate_skipping_none, image_shape=(3, args.img_size, args.img_size))
+    options = dict(num_workers=args.num_workers, collate_fn=collate, pin_memory=device.type == 'cuda',
+                   generator=torch.Generator())
+    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True, **options)
+    val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, sampler=range(rank, len(val_set), world),
+                            **options)
+    return TrainingData(train_loader, args.train_batch_size // world), val_loader
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging and results
+
+
+def record_evaluation(state: RunState, evaluation: Evaluation) -> bool:
+    """Note an evaluation in the run's state; True when accuracy improved on the best so far."""
+    if not math.isfinite(evaluation.loss):
+        raise FloatingPointError(f"non-finite validation loss at step {state.step}")
+    improved = evaluation.accuracy > state.best_acc
+    state.final_acc, state.best_acc = evaluation.accuracy, max(state.best_acc, evaluation.accuracy)
+    state.val_images = evaluation.images
+    return improved
+
+
+def log_to_tensorboard(writer: SummaryWriter, stats: TrainStats, evaluation: Evaluation, step: int) -> None:
+    for logged_step, scalars in stats.logs:
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, logged_step)
+    for tag, value in (('accuracy', evaluation.accuracy), ('loss', evaluation.loss), ('top5', evaluation.top5)):
+        writer.add_scalar(f'val/{tag}', value, step)
+
+
+def results_of(args: argparse.Namespace, model: VisionTransformer, state: RunState, device: torch.device) -> dict:
+    """The run's summary: results.json and the last line on stdout."""
+    return {
+        'name': args.name, 'model_type': args.model_type, 'orders': list(model.config.transformer.orders),
+        'attention': attention_in_use(model, device),
+        'img_size': args.img_size, 'dataset': args.dataset, 'best_acc': state.best_acc, 'final_acc': state.final_acc,
+        'steps': state.step, 'seconds': round(state.seconds, 2),
+        'peak_memory_mib': round(peak_memory_mib(device), 1),
+        'peak_memory_kind': 'cuda_max_allocated' if device.type == 'cuda' else 'cpu_max_rss',
+        'val_images': state.val_images, 'world_size': dist_util.get_world_size(),
+        'skipped_images': state.skipped_images,
+    }
+
+
+def write_results(results: dict, out_dir: Path, saver: CheckpointSaver) -> None:
+    try:
+        write_atomic(out_dir / 'results.json', lambda tmp: tmp.write_text(json.dumps(results, indent=2) + '\n'))
+    except OSError as error:
+        raise RunError(f"cannot write {out_dir / 'results.json'}: {describe(error)}; "
+                       f"{saver.where_to_continue()}") from None
+    if results['skipped_images']:
+        print(f"skipped {results['skipped_images']} unreadable images", file=sys.stderr)
+    print(json.dumps(results), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -188,157 +462,29 @@ def main(argv: list[str] | None = None) -> dict:
     device = dist_util.init_distributed(args.device)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     main_process = rank == 0
-    accumulation = args.gradient_accumulation_steps
-    if args.train_batch_size % (world * accumulation):
-        raise ValueError(f"--train_batch_size {args.train_batch_size} is not divisible by {world} processes x "
-                         f"{accumulation} accumulation steps")
-    micro_batch = args.train_batch_size // (world * accumulation)
+    micro_batch = micro_batch_size(args, world)
     if args.fp16 and device.type == 'cpu' and main_process:
         print("warning: --fp16 on a CPU: autocast there runs slower than float32; it is for trying mixed "
               "precision out, not for speed", file=sys.stderr)
     config = build_config(args)
-    # The run folder is checked and locked before anything slow; every process stops if it is refused.
     out_dir = Path(args.output_dir) / args.name
-    run_folder, refused = None, None
-    if main_process:
-        try:
-            run_folder = RunFolder(out_dir, args.resume_path, args.overwrite)
-        except ValueError as error:
-            refused = error
-    dist_util.raise_first_error(refused)
-    pretrained = None if args.resume_path else read_pretrained(args)  # read before the data is scanned
+    resume_path = resume_from(args, out_dir, main_process)
+    run_folder = take_run_folder(out_dir, resume_path, args.overwrite, main_process)
+    pretrained = None if resume_path else read_pretrained(args)  # read before the data is scanned
     seed_everything(args.seed + rank)
 
-    # Data and model.
-    train_images = load_split(args.dataset, args.data_dir, True, args.skip_corrupt)
-    val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt)
-    check_same_classes(train_images, val_images)
-    train_set = Augmented(train_images, get_train_transform(args.img_size, args.augment), args.seed)
-    val_set = Augmented(val_images, get_eval_transform(args.img_size), args.seed)
-    num_classes = len(train_set.classes)
-    model = VisionTransformer(config, img_size=args.img_size, num_classes=num_classes, zero_head=True)
-    identity = {'model_type': args.model_type, 'img_size': args.img_size, 'num_classes': num_classes,
+    train_set, val_set = build_datasets(args)
+    identity = {'model_type': args.model_type, 'img_size': args.img_size, 'num_classes': len(train_set.classes),
                 'config': config.to_dict()}
-    resume = checkpoints.load(args.resume_path, checkpoints.RESUME_KEYS) if args.resume_path else None
-    if resume is not None:
-        checkpoints.check_compatible({**resume, 'config': with_added_fields(resume['config'])}, identity)
-        model.load_state_dict(resume['state_dict'])
-        if main_process:
-            warn_if_trajectory_changes(resume.get('args', {}), args)
-    elif pretrained is not None:
-        pretrained_weights.load_pretrained(model, pretrained)
-        if pretrained.layout == 'train.py' and main_process:
-            print(f"note: {pretrained.path} is a train.py checkpoint: its weights start a new fine-tune with a fresh "
-                  f"head; to continue that run instead, pass --resume_path {pretrained.path}", file=sys.stderr)
-
-    # Optimisation.
-    precision = Precision.from_args(args.fp16, args.fp16_opt_level, args.amp_dtype, args.loss_scale, device)
-    model.to(device=device, dtype=precision.model_dtype)
-    if args.compile:
-        model.compile()  # in place: the state dict keeps its keys, DDP wraps the compiled module
-    ddp_model = model
-    if world > 1:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9,
-                                weight_decay=args.weight_decay)
-    scheduler = build_scheduler(optimizer, args.decay_type, args.warmup_steps, args.num_steps)
-    routed_hard = model.is_routed and config.transformer.routing == 'hard'
-
-    def tau(step: int) -> float:
-        return tau_at(step, args.num_steps, args.warmup_steps, config.transformer.tau_max,
-                      config.transformer.tau_min, args.tau_policy)
-
-    # Loaders: the training order is a function of (seed, epoch), resumable mid-epoch; validation
-    # is split into disjoint shards, so every image is counted exactly once.
-    sampler = ShardedSampler(len(train_set), args.train_batch_size, rank, world, args.seed)
-    collate = partial(collate_skipping_none, image_shape=(3, args.img_size, args.img_size))
-    loader_options = dict(num_workers=args.num_workers, collate_fn=collate, pin_memory=device.type == 'cuda')
-    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                              generator=torch.Generator(), **loader_options)
-    val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, sampler=range(rank, len(val_set), world),
-                            generator=torch.Generator(), **loader_options)
-
-    state = RunState()
-    if resume is not None:
-        optimizer.load_state_dict(resume['optimizer'])
-        scheduler.load_state_dict(resume['scheduler'])
-        if precision.scaler is not None and resume.get('scaler'):
-            precision.scaler.load_state_dict(resume['scaler'])
-        state = RunState(**{field: resume[field] for field in RunState.__dataclass_fields__ if field in resume})
-        if len(resume['rng']) == world:
-            checkpoints.set_rng_state(resume['rng'][rank])
-        elif main_process:
-            print(f"warning: the checkpoint was written by {len(resume['rng'])} processes, this run has {world}: "
-                  "random states are not restored", file=sys.stderr)
-
+    resume = read_resume(resume_path, identity, args, main_process)
+    model = build_model(args, config, len(train_set.classes), resume, pretrained, main_process)
+    trained, optimization = build_optimization(args, model, device, world)
+    data, val_loader = build_loaders(args, train_set, val_set, micro_batch, device)
+    state = restore(resume, optimization, rank, world, main_process) if resume is not None else RunState()
+    saver = CheckpointSaver(out_dir, main_process, resume_path, state.step)
+    checkpoint = partial(checkpoint_state, model, optimization, state, identity, args, list(train_set.classes))
     writer = SummaryWriter(str(out_dir)) if main_process else None
-    seconds_before, start_time = state.seconds, time.time()
-    meter = Throughput()
-    good = {'path': args.resume_path, 'step': state.step}  # the checkpoint with the last good state
-
-    def last_good_state() -> str:
-        """Where a run that stops can be continued from, for its error message."""
-        if good['path'] is None:
-            return "no checkpoint was written yet"
-        return f"{good['path']} holds the last good state (step {good['step']}): continue with --resume_path"
-
-    def save(improved: bool) -> None:
-        """last.ckpt (and best.ckpt when accuracy improved), with everything an exact resume needs.
-
-        best.ckpt is written first, so that a kill between the two writes cannot leave a last.ckpt
-        whose best_acc no best.ckpt on disk has. A Ctrl-C meanwhile stops the run once the write is recorded.
-        """
-        with interrupts_deferred():
-            state.seconds = seconds_before + time.time() - start_time
-            checkpoint = {
-                'state_dict': model.state_dict(), **asdict(state), **identity, 'dataset': args.dataset,
-                'class_names': list(train_set.classes), 'args': vars(args),
-                'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                'scaler': precision.scaler.state_dict() if precision.scaler is not None else None,
-                'rng': dist_util.all_gather_objects(checkpoints.rng_state()),
-            }
-            failed = None
-            if main_process:
-                for name in ('best.ckpt', 'last.ckpt') if improved else ('last.ckpt',):
-                    try:
-                        checkpoints.save_atomic(checkpoint, out_dir / name)
-                    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
-                        reason = describe(error) if isinstance(error, OSError) else one_line(error)
-                        failed = RunError(f"cannot write {out_dir / name}: {reason}; {last_good_state()}")
-                        break
-            dist_util.raise_first_error(failed)  # also the barrier: every process stops when the write failed
-            good.update(path=str(out_dir / 'last.ckpt'), step=state.step)
-
-    def after_step(loss: float, lr: float, progress: tqdm) -> None:
-        """Log the step's loss and learning rate; every eval_every steps and at the end, evaluate and checkpoint."""
-        raise_lost_interrupt()
-        progress.update(1)
-        meter.count(args.train_batch_size)
-        if main_process and (state.step % 10 == 0 or state.step == args.num_steps):
-            throughput = meter.rate()
-            progress.set_postfix(loss=f'{loss:.4f}', lr=f'{lr:.2e}', img_s=f'{throughput:.1f}')
-            scalars = {'train/loss': loss, 'train/lr': lr, 'train/images_per_second': throughput,
-                       'train/peak_memory_mib': peak_memory_mib(device)}
-            if routed_hard:
-                scalars['train/tau'] = tau(state.step - 1)
-            for tag, value in scalars.items():
-                writer.add_scalar(tag, value, state.step)
-            log_routing(writer, model, state.step)
-        if state.step % args.eval_every and state.step != args.num_steps:
-            return
-        evaluation = evaluate(model, val_loader, precision, skipped=state.skipped_val)
-        accuracy, val_loss, state.val_images = evaluation.accuracy, evaluation.loss, evaluation.images
-        if not math.isfinite(val_loss):
-            raise FloatingPointError(f"non-finite validation loss at step {state.step}")
-        improved = accuracy > state.best_acc
-        state.final_acc, state.best_acc = accuracy, max(state.best_acc, accuracy)
-        if main_process:
-            writer.add_scalar('val/accuracy', accuracy, state.step)
-            writer.add_scalar('val/loss', val_loss, state.step)
-            writer.add_scalar('val/top5', evaluation.top5, state.step)
-            progress.write(f"step {state.step}: validation accuracy {accuracy:.4f} (best {state.best_acc:.4f})")
-        save(improved)
-        meter.reset()  # throughput counts training only
+    started = time.time() - state.seconds
 
     own_signals = threading.current_thread() is threading.main_thread()  # only the main thread may set them
     sigint = stop_at_first_interrupt() if own_signals else None
@@ -346,50 +492,34 @@ def main(argv: list[str] | None = None) -> dict:
         with tqdm(total=args.num_steps, initial=state.step, disable=not main_process, desc=args.name,
                   dynamic_ncols=True) as progress:
             while state.step < args.num_steps:
-                sampler.set_epoch(state.epoch, start=state.epoch_step * args.train_batch_size // world)
-                train_set.set_epoch(state.epoch)
-                finished = train_one_epoch(
-                    ddp_model, train_loader, optimizer, scheduler, precision, state, args.num_steps, accumulation,
-                    args.max_grad_norm, on_step=lambda loss, lr: after_step(loss, lr, progress),
-                    set_tau=(lambda step: model.set_tau(tau(step))) if routed_hard else None)
-                if not finished:
-                    state.epoch, state.epoch_step = state.epoch + 1, 0
+                next_evaluation = min(args.num_steps, (state.step // args.eval_every + 1) * args.eval_every)
+                stats = train_until(trained, data, optimization, state, next_evaluation, LOG_EVERY, progress)
+                evaluation = evaluate(model, val_loader, optimization.precision, skipped=state.skipped_val)
+                improved = record_evaluation(state, evaluation)
+                if main_process:
+                    log_to_tensorboard(writer, stats, evaluation, state.step)
+                    progress.write(f"step {state.step}: validation accuracy {evaluation.accuracy:.4f} "
+                                   f"(best {state.best_acc:.4f})")
+                state.seconds = time.time() - started
+                saver.save(checkpoint, state.step, improved)
     except FloatingPointError as error:
-        raise FloatingPointError(f"{error}; {last_good_state()}") from None
+        raise FloatingPointError(f"{error}; {saver.where_to_continue()}") from None
     except KeyboardInterrupt:  # the process is stopping: later SIGINTs stay ignored
-        raise RunError(f"interrupted at step {state.step}; {last_good_state()}", code=130) from None
+        raise saver.interrupted(state.step) from None
     if own_signals:
         signal.signal(signal.SIGINT, sigint)
 
-    results = {
-        'name': args.name, 'model_type': args.model_type, 'orders': list(config.transformer.orders),
-        'img_size': args.img_size, 'dataset': args.dataset, 'best_acc': state.best_acc, 'final_acc': state.final_acc,
-        'steps': state.step, 'seconds': round(seconds_before + time.time() - start_time, 2),
-        'peak_memory_mib': round(peak_memory_mib(device), 1),
-        'peak_memory_kind': 'cuda_max_allocated' if device.type == 'cuda' else 'cpu_max_rss',
-        'val_images': state.val_images, 'world_size': world, 'skipped_images': state.skipped_images,
-    }
+    state.seconds = time.time() - started
+    results = results_of(args, model, state, device)
     if main_process:
         writer.close()
-        try:
-            write_atomic(out_dir / 'results.json', lambda tmp: tmp.write_text(json.dumps(results, indent=2) + '\n'))
-        except OSError as error:
-            raise RunError(f"cannot write {out_dir / 'results.json'}: {describe(error)}; {last_good_state()}") from None
+        write_results(results, out_dir, saver)
         run_folder.release()
-        if state.skipped_images:
-            print(f"skipped {state.skipped_images} unreadable images", file=sys.stderr)
-        print(json.dumps(results), flush=True)
-    del ddp_model  # before its process group: torch 2.11 with gloo hung at exit in most 4-process runs
+    del trained  # before its process group: torch 2.11 with gloo hung at exit in most 4-process runs
     dist_util.cleanup()
     return results
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except RunError as error:
-        exit_with(one_line(error, limit=None), error.code)
-    except KeyboardInterrupt:
-        exit_with("interrupted before the first training step; this run wrote no checkpoint", 130)
-    except (ValueError, OSError, FloatingPointError, UnreadableImage) as error:  # OSError: FileNotFoundError too
-        exit_with(one_line(error, limit=None))
+    command_line(main, expected=(ValueError, OSError, FloatingPointError, UnreadableImage),
+                 interrupted="interrupted before the first training step; this run wrote no checkpoint")

@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -108,22 +109,45 @@ def test_one_folder_one_run_and_stale_temporary_files_are_cleaned(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    stale, live = folder / f'.last.{dead_pid()}.tmp.ckpt', folder / f'.last.{os.getpid()}.tmp.ckpt'
-    unnamed = folder / '.best.ckpt.tmp'  # written before temporary files were named by their writer
-    for path in (stale, live, unnamed):
+    stale, live = folder / f'.trar-tmp.{dead_pid()}.last.ckpt', folder / f'.trar-tmp.{os.getpid()}.last.ckpt'
+    # A user's files that look like temporaries of some tool, with or without a number: never this tool's.
+    users = [folder / name for name in ('.draft.tmp', '.report.tmp.docx', '.best.ckpt.tmp', f'.last.{dead_pid()}.tmp')]
+    for path in (stale, live, *users):
         path.write_bytes(b'half a checkpoint')
     run = RunFolder(folder)  # the lock died with its process
-    assert not stale.exists() and not unnamed.exists() and live.exists()
+    assert not stale.exists() and live.exists()
+    assert all(path.read_bytes() == b'half a checkpoint' for path in users)
     assert remove_stale_temporaries(folder) == []
     run.release()
+
+
+def test_a_training_run_keeps_the_users_temporary_looking_files(tmp_path):
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    users = {folder / '.draft.tmp': b'my draft', folder / '.report.tmp.docx': b'my report'}
+    for path, content in users.items():
+        path.write_bytes(content)
+    train.main(tiny_args(tmp_path, 'run', steps=1))
+    assert all(path.read_bytes() == content for path, content in users.items())
+    assert not list(folder.glob('.trar-tmp.*'))  # and its own temporaries are gone
+
+
+def test_overwrite_never_removes_a_folder_named_like_a_checkpoint(tmp_path):
+    folder = tmp_path / 'run'
+    (folder / 'best.ckpt').mkdir(parents=True)
+    (folder / 'best.ckpt' / 'notes.txt').write_text('mine')
+    with pytest.raises(ValueError, match=rf"^run folder {re.escape(str(folder))} holds best\.ckpt that is not a "
+                                         "file train.py wrote"):
+        train.main(tiny_args(tmp_path, 'run', '--overwrite', steps=1))
+    assert (folder / 'best.ckpt' / 'notes.txt').read_text() == 'mine'
 
 
 def test_a_full_disk_stops_with_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
     written = []
 
-    def full_disk(state, path):
-        Path(path).write_bytes(b'the first bytes')
-        written.append(Path(path))
+    def full_disk(state, file):
+        file.write(b'the first bytes')
+        written.append(Path(file.file.name))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, 'save', full_disk)
@@ -134,6 +158,21 @@ def test_a_full_disk_stops_with_one_line_and_leaves_no_partial_file(tmp_path, mo
                         "no checkpoint was written yet", str(error.value))
     assert written and not any(path.exists() for path in written)
     assert not (folder / 'best.ckpt').exists() and not (folder / 'last.ckpt').exists()
+
+
+def test_a_write_refused_by_the_system_names_the_file_not_torchs_inner_position(tmp_path):
+    """A real failed write (a file-size limit, as a full disk would): torch.save reports `unexpected pos`; the
+    line names the file and the system's reason."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))  # the tiny model's checkpoint is larger
+
+    failed = subprocess.run([sys.executable, 'train.py', *tiny_args(tmp_path, 'full', steps=1)], cwd=ROOT,
+                            env=ONE_THREAD, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    assert failed.returncode == 1
+    assert last_error_line(failed.stderr) == (f"error: cannot write {tmp_path / 'full' / 'best.ckpt'}: File too "
+                                              "large; no checkpoint was written yet")
+    assert not list((tmp_path / 'full').glob('*.ckpt')) and not list((tmp_path / 'full').glob('.trar-tmp.*'))
 
 
 def test_the_output_folder_is_checked_before_the_data(tmp_path):

@@ -19,7 +19,7 @@ from official_npz import make_official_weights
 from train_helpers import ROOT, run_train, tiny_args
 from utils import checkpoint as checkpoints
 from utils.data_utils import UnreadableImage, digits_split, get_eval_transform
-from utils.engine import Precision, RunState, evaluate, train_one_epoch
+from utils.engine import Optimization, Precision, RunState, evaluate, optimizer_steps
 from utils.errors import one_line
 from utils.scheduler import lr_factor
 
@@ -281,7 +281,7 @@ def test_atomic_save_keeps_the_old_checkpoint_when_a_write_dies(tmp_path, monkey
     checkpoints.save_atomic({'state_dict': {'w': torch.ones(3)}, 'step': 1}, path)
 
     def dying_save(obj, file):
-        Path(file).write_bytes(b'half a checkpoint')
+        file.write(b'half a checkpoint')
         raise KeyboardInterrupt  # killed mid-write
 
     monkeypatch.setattr(torch, 'save', dying_save)
@@ -340,8 +340,7 @@ def test_a_micro_batch_of_only_skipped_files_adds_nothing():
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         state = RunState()
-        train_one_epoch(model, batches, optimizer, scheduler, Precision('cpu'), state, num_steps=1,
-                        accumulation=accumulation, max_grad_norm=0, on_step=lambda loss, lr: None)
+        list(optimizer_steps(model, batches, Optimization(optimizer, scheduler, Precision('cpu'), accumulation), state))
         return model.state_dict(), state
 
     with_empty, state = one_step([(images, labels, []), empty], lr=0.1, accumulation=2)
@@ -408,8 +407,8 @@ def test_gradients_are_clipped_to_max_grad_norm_before_the_optimizer_steps():
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        train_one_epoch(model, [(images, labels, [])], optimizer, scheduler, Precision('cpu'), RunState(), num_steps=1,
-                        accumulation=1, max_grad_norm=max_grad_norm, on_step=lambda loss, lr: None)
+        optimization = Optimization(optimizer, scheduler, Precision('cpu'), max_grad_norm=max_grad_norm)
+        list(optimizer_steps(model, [(images, labels, [])], optimization, RunState()))
         return before - torch.cat([p.detach().flatten() for p in model.parameters()])
 
     raw = update(0)

@@ -1,26 +1,57 @@
-"""Checkpoints: atomic writes, RNG state capture, and the config check on resume.
+"""Checkpoints: atomic writes, the saver of a run's best and last, RNG state capture, and the checks on resume.
 
 A checkpoint is a plain dict that loads with `torch.load(path, weights_only=True)`.
 """
+import io
 import pickle
 import random
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from utils.errors import one_line
-from utils.files import check_file, write_atomic
+from utils import dist_util
+from utils.errors import INTERRUPTED, RunError, interrupts_deferred, one_line
+from utils.files import check_file, describe, write_atomic
 
 # What resuming needs of a checkpoint written by train.py (a hand-edited one may lack some).
 RESUME_KEYS = ('state_dict', 'optimizer', 'scheduler', 'rng', 'step', 'model_type', 'img_size', 'num_classes',
                'config')
 
 
+class _WriteErrors(io.RawIOBase):
+    """A file that remembers why a write failed: torch.save reports any failed write as `unexpected pos`."""
+
+    def __init__(self, file):
+        super().__init__()
+        self.file, self.error = file, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+
 def save_atomic(state: dict, path: Path) -> None:
     """Write through a temporary file of this process, flushed and renamed (utils.files.write_atomic): a kill,
-    a power cut or a full disk mid-write leaves the old file whole and no partial file behind."""
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    a power cut or a full disk mid-write leaves the old file whole and no partial file behind. A failed write
+    raises its OSError (`No space left on device`), not torch's `unexpected pos`."""
+    def write(tmp: Path) -> None:
+        with open(tmp, 'wb') as file:
+            recorder = _WriteErrors(file)
+            try:
+                torch.save(state, recorder)
+            except RuntimeError:
+                if recorder.error is not None:
+                    raise recorder.error from None
+                raise
+    write_atomic(path, write)
 
 
 def _unpickling_cause(error: Exception) -> str:
@@ -100,3 +131,46 @@ def _differences(theirs: dict, ours: dict, prefix: str = ''):
             yield from _differences(other, value, f'{prefix}{key}.')
         elif other != value:
             yield f'{prefix}{key}', other, value
+
+
+class CheckpointSaver:
+    """A run's checkpoints: best.ckpt and last.ckpt in its folder, and the last good state it can continue from.
+
+    `save` writes best.ckpt (when accuracy improved) before last.ckpt, so that a kill between the two writes
+    cannot leave a last.ckpt whose best_acc no best.ckpt on disk has. A Ctrl-C during a save stops the run once
+    the write is recorded, so the message names that checkpoint. Only the main process writes; every process
+    learns of a failed write and stops with the same message.
+    """
+
+    def __init__(self, folder: Path, main_process: bool, resumed_from: str | Path | None = None,
+                 resumed_step: int = 0):
+        self.folder = Path(folder)
+        self.main_process = main_process
+        self.last_good = (str(resumed_from), resumed_step) if resumed_from is not None else None  # (path, step)
+
+    def where_to_continue(self) -> str:
+        """Where a run that stops can be continued from, for its error message."""
+        if self.last_good is None:
+            return "no checkpoint was written yet"
+        path, step = self.last_good
+        return f"{path} holds the last good state (step {step}): continue with --resume_path"
+
+    def save(self, build: Callable[[], dict], step: int, improved: bool) -> None:
+        """Write the checkpoint `build()` returns (a collective: every process calls it) as the state at `step`."""
+        with interrupts_deferred():
+            checkpoint = build()
+            failed = None
+            if self.main_process:
+                for name in ('best.ckpt', 'last.ckpt') if improved else ('last.ckpt',):
+                    try:
+                        save_atomic(checkpoint, self.folder / name)
+                    except (OSError, RuntimeError) as error:  # torch.save reports some failures as RuntimeError
+                        reason = describe(error) if isinstance(error, OSError) else one_line(error)
+                        failed = RunError(f"cannot write {self.folder / name}: {reason}; {self.where_to_continue()}")
+                        break
+            dist_util.raise_first_error(failed)  # also the barrier: every process stops when the write failed
+            self.last_good = (str(self.folder / 'last.ckpt'), step)
+
+    def interrupted(self, step: int) -> RunError:
+        """The one-line error of a run that Ctrl-C stopped at `step`, naming where it can be continued from."""
+        return RunError(f"interrupted at step {step}; {self.where_to_continue()}", code=INTERRUPTED)

@@ -1,4 +1,6 @@
-"""One training epoch, evaluation, mixed precision and the measurements train.py logs."""
+"""Training up to the next evaluation, evaluation, mixed precision and the measurements train.py logs.
+
+The engine trains and measures and returns what it measured; train.py decides when to evaluate, logs and saves."""
 import math
 import resource
 import time
@@ -10,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 
 from utils import dist_util
+from utils.errors import raise_lost_interrupt
 
 # apex's opt levels and their native torch.amp equivalents (apex is unmaintained).
 OPT_LEVELS = {
@@ -103,42 +105,110 @@ def add_skipped(known: list[int], local: list[int]) -> None:
         known.extend(sorted(set(indices) - set(known)))
 
 
-def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
-                    precision: Precision, state: RunState, num_steps: int, accumulation: int, max_grad_norm: float,
-                    on_step: Callable[[float, float], None], set_tau: Callable[[int], None] | None = None) -> bool:
-    """Optimizer steps over the rest of this epoch's micro-batches; True once `num_steps` are done.
+@dataclass
+class TrainingData:
+    """The training loader, placed at an epoch and an optimizer step within it: the order of the samples is a
+    function of (seed, epoch), so a run continues mid-epoch exactly where it stopped."""
+    loader: DataLoader  # its sampler and dataset have `set_epoch` (utils.data_utils.ShardedSampler, Augmented)
+    samples_per_step: int  # this process's samples per optimizer step: micro-batch x accumulation steps
+
+    def at(self, epoch: int, epoch_step: int) -> DataLoader:
+        self.loader.sampler.set_epoch(epoch, start=epoch_step * self.samples_per_step)
+        self.loader.dataset.set_epoch(epoch)
+        return self.loader
+
+
+@dataclass
+class Optimization:
+    """What an optimizer step needs besides the model and the data."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: Precision
+    accumulation: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 0.0  # 0: no clipping
+    tau: Callable[[int], float] | None = None  # hard routing: the Gumbel-softmax temperature of a step
+
+
+@dataclass
+class TrainStats:
+    """What `train_until` did, for train.py to log: `logs` holds (step, scalars) every `log_every` steps."""
+    logs: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    steps: int = 0
+    loss: float = math.nan  # the last step's mean loss
+
+
+def train_until(model: torch.nn.Module, data: TrainingData, optimization: Optimization, state: RunState,
+                until: int, log_every: int = 10, progress=None) -> TrainStats:
+    """Optimizer steps from `state.step` up to step `until`, over as many epochs as that takes.
+
+    Every `log_every` steps and at `until` it records the loss, learning rate, throughput, peak memory,
+    temperature (hard routing) and mean routing weights; `progress` (a tqdm bar) is moved on every step.
+    """
+    stats, meter = TrainStats(), Throughput()
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    images_per_step = data.samples_per_step * dist_util.get_world_size()
+    while state.step < until:
+        epoch_ended = True
+        for loss, lr in optimizer_steps(model, data.at(state.epoch, state.epoch_step), optimization, state):
+            raise_lost_interrupt()
+            stats.steps, stats.loss = stats.steps + 1, loss
+            meter.count(images_per_step)
+            if progress is not None:
+                progress.update(1)
+            if state.step % log_every == 0 or state.step == until:
+                scalars = step_scalars(module, loss, lr, meter.rate(), optimization, state.step)
+                stats.logs.append((state.step, scalars))
+                if progress is not None:
+                    progress.set_postfix(loss=f'{loss:.4f}', lr=f'{lr:.2e}',
+                                         img_s=f"{scalars['train/images_per_second']:.1f}")
+            if state.step >= until:
+                epoch_ended = False
+                break
+        if epoch_ended:
+            state.epoch, state.epoch_step = state.epoch + 1, 0
+    return stats
+
+
+def step_scalars(model: torch.nn.Module, loss: float, lr: float, images_per_second: float,
+                 optimization: Optimization, step: int) -> dict[str, float]:
+    """The training scalars logged after `step` (routing weights are the last micro-batch's)."""
+    device = next(model.parameters()).device
+    scalars = {'train/loss': loss, 'train/lr': lr, 'train/images_per_second': images_per_second,
+               'train/peak_memory_mib': peak_memory_mib(device)}
+    if optimization.tau is not None:
+        scalars['train/tau'] = optimization.tau(step - 1)
+    return {**scalars, **routing_scalars(model)}
+
+
+def optimizer_steps(model: torch.nn.Module, loader, optimization: Optimization, state: RunState):
+    """Yield (mean loss, learning rate) after each optimizer step over the rest of this epoch's micro-batches.
 
     Each step sums the gradients of `accumulation` micro-batches, each loss divided by `accumulation`
     (DDP averages over processes and synchronises on the last micro-batch only), so the step's gradient
     is the mean over the global batch however it is split. Then: unscale, clip, optimizer, scheduler.
-    `on_step(loss, lr)` gets the global batch's mean loss and the learning rate of the step after every step;
-    `state.skipped_train` lists the files skipped by all processes. A global batch of only unreadable files
-    stops the run with a ValueError (it would train on nothing).
+    The loss is the global batch's mean, the learning rate the step's own. `state.skipped_train` lists the
+    files skipped by all processes; a global batch of only unreadable files stops the run with a ValueError
+    (it would train on nothing).
     """
     distributed = isinstance(model, DistributedDataParallel)
+    module = model.module if distributed else model
     device = next(model.parameters()).device
+    opt, accumulation = optimization, optimization.accumulation
     # Over processes: loss sum, readable images, newly skipped files.
     step_totals = torch.zeros(3, device=device, dtype=torch.float64)
     step_skipped: list[int] = []
     model.train()
-    if set_tau is not None:
-        set_tau(state.step)
     for micro_step, (images, labels, skipped) in enumerate(loader, start=1):
+        if opt.tau is not None and (micro_step - 1) % accumulation == 0:  # a step's first micro-batch
+            module.set_tau(opt.tau(state.step))
         new = [index for index in skipped if index not in state.skipped_train]
         step_skipped += new
         step_totals[1] += len(labels)  # Python numbers: no host-to-device copy on the training path
         step_totals[2] += len(new)
-        images = images.to(device=device, dtype=precision.model_dtype, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        weight = 1.0
-        if len(labels) == 0:  # every file of this micro-batch was skipped: a zero-weighted stand-in keeps DDP in step
-            images, labels, weight = images.new_zeros((1, *images.shape[1:])), labels.new_zeros(1), 0.0
         last_micro = micro_step % accumulation == 0
         with model.no_sync() if distributed and not last_micro else nullcontext():
-            with precision.autocast():
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels) * weight
-            precision.backward(loss / accumulation)
+            loss = micro_batch_loss(model, images, labels, opt.precision, device)
+            opt.precision.backward(loss / accumulation)
         step_totals[0] += loss.detach()
         if not last_micro:
             continue
@@ -153,17 +223,26 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         mean_loss = loss_sum / (accumulation * dist_util.get_world_size())
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"non-finite loss {mean_loss} at step {state.step + 1}")
-        lr = optimizer.param_groups[0]['lr']  # this step's: the scheduler moves on to the next one's
-        precision.step(optimizer, model.parameters(), max_grad_norm)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = opt.optimizer.param_groups[0]['lr']  # this step's: the scheduler moves on to the next one's
+        opt.precision.step(opt.optimizer, model.parameters(), opt.max_grad_norm)
+        opt.scheduler.step()
+        opt.optimizer.zero_grad(set_to_none=True)
         state.step, state.epoch_step = state.step + 1, state.epoch_step + 1
-        on_step(mean_loss, lr)
-        if state.step >= num_steps:
-            return True
-        if set_tau is not None:
-            set_tau(state.step)
-    return False
+        yield mean_loss, lr
+
+
+def micro_batch_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: Precision,
+                     device: torch.device) -> torch.Tensor:
+    """Cross-entropy of one micro-batch; one whose files were all skipped gives a zero-weighted stand-in, which
+    keeps DDP's processes in step."""
+    images = images.to(device=device, dtype=precision.model_dtype, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    weight = 1.0
+    if len(labels) == 0:
+        images, labels, weight = images.new_zeros((1, *images.shape[1:])), labels.new_zeros(1), 0.0
+    with precision.autocast():
+        logits = model(images)
+    return F.cross_entropy(logits.float(), labels) * weight
 
 
 @dataclass
@@ -244,11 +323,12 @@ class Throughput:
         return rate
 
 
-def log_routing(writer: SummaryWriter, model: torch.nn.Module, step: int) -> None:
+def routing_scalars(model: torch.nn.Module) -> dict[str, float]:
     """Mean routing weight of every layer and order over the last batch, as `routing/layerLL_orderO`."""
-    weights = model.routing_weights()
+    weights = model.routing_weights() if hasattr(model, 'routing_weights') else None
     if weights is None:
-        return
-    for layer, per_order in enumerate(weights.float().mean(dim=1).tolist()):
-        for order, weight in zip(model.config.transformer.orders, per_order):
-            writer.add_scalar(f'routing/layer{layer:02d}_order{order}', weight, step)
+        return {}
+    orders = model.config.transformer.orders
+    return {f'routing/layer{layer:02d}_order{order}': weight
+            for layer, per_order in enumerate(weights.float().mean(dim=1).tolist())
+            for order, weight in zip(orders, per_order)}

@@ -1,10 +1,18 @@
-"""Error messages as one line, for the command-line tools' `error: ...` output, once per run."""
+"""How the command-line tools end: one line `error: ...` on stderr, once per run, and Ctrl-C handled the same way.
+
+- `command_line(main)` runs a tool's `main` and turns an expected failure into that one line and an exit status;
+  train.py, eval.py and test.py all end through it.
+- `INTERRUPTS` is train.py's Ctrl-C handling while it trains (see `Interrupts`).
+- Under torchrun, `exit_with` leaves the line in torchrun's error file, where utils/launch.py finds it, and a
+  process that only lost a peer (the peer reports the cause) exits quietly.
+"""
 import contextlib
 import json
 import os
 import signal
 import sys
 import time
+from typing import Callable, NoReturn
 
 
 class RunError(Exception):
@@ -13,6 +21,9 @@ class RunError(Exception):
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
         self.code = code
+
+
+INTERRUPTED = 130  # the exit status of a process stopped by Ctrl-C (128 + SIGINT)
 
 
 def one_line(error: BaseException, limit: int | None = 300) -> str:
@@ -29,60 +40,77 @@ def one_line(error: BaseException, limit: int | None = 300) -> str:
     return text if limit is None or len(text) <= limit else text[:limit] + ' ...'
 
 
-# inside `interrupts_deferred`; a Ctrl-C came meanwhile; a Ctrl-C came at all (since `stop_at_first_interrupt`)
-_interrupts = {'deferred': False, 'pending': False, 'received': False}
+class Interrupts:
+    """Ctrl-C (SIGINT) while a run trains, so that the stopping run can still say where its state is.
 
+    Python's own handling raises KeyboardInterrupt wherever the main thread happens to be. A run needs more:
+    - only the first Ctrl-C counts: later ones (a second press, torchrun passing the signal on) are ignored;
+    - one that comes while a checkpoint is written is held until the write is recorded (`deferred`);
+    - one whose KeyboardInterrupt Python swallowed (raised in a `__del__`, or in an `os.fork` callback as a
+      DataLoader starts its workers) is raised again at the next step (`raise_if_lost`);
+    - forked DataLoader workers ignore it: the run stops them.
+    One instance, `INTERRUPTS`, serves the process (a signal handler is process-wide).
+    """
 
-def stop_at_first_interrupt():
-    """Handle SIGINT in this process: the first Ctrl-C raises KeyboardInterrupt, later ones (a second Ctrl-C, or
-    torchrun passing it on) are ignored, so that the stopping run can still say where its state is. Processes
-    forked from this one (DataLoader workers) ignore it: this process stops them. Returns the previous handler."""
-    owner = os.getpid()
-    _interrupts['received'] = False
+    def __init__(self):
+        self.received = False  # a Ctrl-C came since `install`
+        self._deferring = False  # inside `deferred`
+        self._pending = False  # a Ctrl-C came inside `deferred`
+        self._owner = os.getpid()
 
-    def handler(signum, frame) -> None:
-        if os.getpid() != owner:  # a forked DataLoader worker
+    def install(self):
+        """Handle SIGINT as described above, from now on; returns the previous handler."""
+        self.received, self._pending, self._owner = False, False, os.getpid()
+        return signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._owner:  # a forked DataLoader worker
             return
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _interrupts['received'] = True
-        previous_hook = sys.unraisablehook  # a KeyboardInterrupt Python ignores is raised again, so not shown
-        sys.unraisablehook = lambda unraisable: None if unraisable.exc_type is KeyboardInterrupt \
-            else previous_hook(unraisable)
-        if _interrupts['deferred']:
-            _interrupts['pending'] = True
+        self.received = True
+        _hide_ignored_interrupts()
+        if self._deferring:
+            self._pending = True
             return
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGINT, handler)
+    def raise_if_lost(self) -> None:
+        """Raise KeyboardInterrupt if a Ctrl-C came but its KeyboardInterrupt was swallowed. Call it where an
+        interrupt that propagated would already have left (after each training step)."""
+        if self.received:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A Ctrl-C inside the block raises KeyboardInterrupt at its end, not in the middle."""
+        self._deferring = True
+        try:
+            yield
+        finally:  # a block that fails leaves no interrupt pending for the next one
+            self._deferring = False
+            pending, self._pending = self._pending, False
+        if pending:
+            raise KeyboardInterrupt
 
 
-def raise_lost_interrupt() -> None:
-    """Raise KeyboardInterrupt again if a Ctrl-C came but its KeyboardInterrupt was lost: raised where Python
-    ignores exceptions (a callback of `os.fork` as a DataLoader starts its workers, a `__del__`), it would leave the
-    run going with Ctrl-C ignored. Call it where an interrupt that propagated would already have left."""
-    if _interrupts['received']:
-        raise KeyboardInterrupt
+def _hide_ignored_interrupts() -> None:
+    """A KeyboardInterrupt that Python ignores (in a `__del__`) is raised again by `raise_if_lost`: not shown."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None if unraisable.exc_type is KeyboardInterrupt else previous(unraisable)
 
 
-@contextlib.contextmanager
-def interrupts_deferred():
-    """A Ctrl-C inside the block (with `stop_at_first_interrupt`'s handler) raises KeyboardInterrupt at its end:
-    a checkpoint being written is finished and recorded as the last good state before the run stops."""
-    _interrupts['deferred'] = True
-    try:
-        yield
-    finally:  # a block that fails leaves no interrupt pending for the next one
-        _interrupts['deferred'] = False
-        pending, _interrupts['pending'] = _interrupts['pending'], False
-    if pending:
-        raise KeyboardInterrupt
+INTERRUPTS = Interrupts()
+# The names train.py and the tests use.
+stop_at_first_interrupt = INTERRUPTS.install
+raise_lost_interrupt = INTERRUPTS.raise_if_lost
+interrupts_deferred = INTERRUPTS.deferred
 
 
 LAUNCHED_ENV = 'TRAR_ONE_LINE_LAUNCHER'  # set by utils/launch.py, which prints the first failed process's line
 ONE_LINE_MARK = 'one_line'  # marks an error file written by `exit_with`
 
 
-def exit_with(message: str, code: int = 1) -> None:
+def exit_with(message: str, code: int = 1) -> NoReturn:
     """End this process with `error: message` on stderr and exit status `code`.
 
     A process started by torchrun leaves the message in its error file instead, where the launcher finds it:
@@ -96,7 +124,53 @@ def exit_with(message: str, code: int = 1) -> None:
             json.dump({'message': {'message': message, 'extraInfo': info}}, file)
     if not error_file or (not os.environ.get(LAUNCHED_ENV) and os.environ.get('RANK', '0') == '0'):
         print(f"error: {message}", file=sys.stderr, flush=True)
-    # What the failure left half-built is torn down after the line, quietly: a DataLoader iterator that Ctrl-C
-    # interrupted in its constructor would print an "Exception ignored" traceback under it.
+    _exit_quietly(code)
+
+
+def _exit_quietly(code: int) -> NoReturn:
+    """Exit; what the failure left half-built is torn down without a word: a DataLoader iterator that Ctrl-C
+    interrupted in its constructor would print an "Exception ignored" traceback."""
     sys.unraisablehook = lambda unraisable: None
     sys.exit(code)
+
+
+def exit_on_interrupt(message: str) -> None:
+    """From now until a run installs its own handler, Ctrl-C ends the process at once with `error: message`
+    (for the seconds a tool spends importing torch, where a KeyboardInterrupt would print a traceback)."""
+    signal.signal(signal.SIGINT, lambda signum, frame: exit_with(message, INTERRUPTED))
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another process of the run stopped first (gloo's
+    "Connection closed by peer", NCCL's abort): that process reports the cause, this one has nothing to add."""
+    distributed = sys.modules.get('torch.distributed')
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return False
+    if isinstance(error, getattr(distributed, 'DistError', ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        mark in text for mark in ('Connection closed by peer', 'Connection reset by peer', 'gloo', 'NCCL'))
+
+
+def command_line(main: Callable[[], object], expected: tuple[type[BaseException], ...] = (ValueError, OSError),
+                 interrupted: str = 'interrupted') -> NoReturn:
+    """Run a tool's `main()` and exit: with its result when that is an int (else 0), or with one line.
+
+    A `RunError` gives its message and code; one of the `expected` errors its message and status 1; Ctrl-C
+    `interrupted` and status 130. A process of a multi-process run that only lost a peer exits quietly, status 1.
+    Anything else is a bug and keeps its traceback.
+    """
+    try:
+        result = main()
+    except RunError as error:
+        exit_with(one_line(error, limit=None), error.code)
+    except KeyboardInterrupt:
+        exit_with(interrupted, INTERRUPTED)
+    except Exception as error:
+        if lost_a_peer(error):
+            _exit_quietly(1)
+        if not isinstance(error, expected):
+            raise
+        exit_with(one_line(error, limit=None))
+    sys.exit(result if isinstance(result, int) else 0)

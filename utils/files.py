@@ -1,27 +1,28 @@
 """Files a run writes: atomic writes, the run folder's checks and lock, and no run replacing another.
 
-A write goes to a temporary file beside its target, named with the writer's process id (two writers never
-share one), is flushed to disk and renamed over the target; a failed write (a full disk, an interrupt)
-removes its temporary file, and one left by a killed writer is removed when the next run takes the folder.
+A write goes to a temporary file beside its target, `.trar-tmp.<process id>.<name>`: a name no user picks,
+and two writers never share one. It is flushed to disk and renamed over the target; a failed write (a full disk,
+an interrupt) removes its temporary file, and one left by a killed writer is removed when the next run takes
+its run folder. Only files of that form whose writer no longer runs are ever removed.
 """
 import errno
 import fcntl
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Callable
 
 RUN_FILES = ('best.ckpt', 'last.ckpt', 'results.json')
 EVENTS_GLOB = 'events.out.tfevents.*'  # TensorBoard's logs
 LOCK_NAME = '.lock'
-_TEMPORARY = re.compile(r'^\..+?(?:\.(\d+))?\.tmp(\.[^.]*)?$')  # .<stem>.<pid>.tmp<suffix>; older: .<name>.tmp
+TEMPORARY_MARK = '.trar-tmp.'
+_TEMPORARY = re.compile(r'^\.trar-tmp\.(\d+)\..+$')  # .trar-tmp.<pid>.<name>
 _HELD: dict[Path, 'RunFolder'] = {}  # the run folders this process has locked
 
 
 def temporary_path(path: Path) -> Path:
     """The temporary file this process writes `path` through; it keeps the suffix (matplotlib reads the format)."""
-    return path.with_name(f'.{path.stem}.{os.getpid()}.tmp{path.suffix}')
+    return path.with_name(f'{TEMPORARY_MARK}{os.getpid()}.{path.name}')
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -60,8 +61,10 @@ def ensure_writable(folder: Path) -> None:
     """Create `folder` if needed and write and remove a probe file in it; an OSError says why it cannot be written."""
     folder.mkdir(parents=True, exist_ok=True)
     probe = temporary_path(folder / 'probe')
-    probe.write_bytes(b'')
-    probe.unlink()
+    try:
+        probe.write_bytes(b'probe')  # a byte, so that a full disk shows here
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def process_alive(pid: int) -> bool:
@@ -75,9 +78,9 @@ def process_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove the temporary files in `folder` whose writer no longer runs (or is not named); return them."""
+    """Remove this tool's temporary files in `folder` whose writer no longer runs; return them."""
     stale = [path for path in Path(folder).iterdir()
-             if (match := _TEMPORARY.match(path.name)) and not (match.group(1) and process_alive(int(match.group(1))))]
+             if (match := _TEMPORARY.match(path.name)) and path.is_file() and not process_alive(int(match.group(1)))]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -138,20 +141,29 @@ class RunFolder:
             lock.close()
             raise ValueError(f"run folder {self.path} is in use by process {holder}: expected one run per folder; "
                              "choose another --name") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
+        try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(str(os.getpid()))
+            lock.flush()
+        except OSError as error:  # a full disk
+            lock.close()
+            raise ValueError(f"cannot write {self.path / LOCK_NAME}: {describe(error)}") from None
         self._lock = lock
         _HELD[key] = self
 
     def _check_not_another_run(self, resume_path: str | None, overwrite: bool) -> None:
         if resume_path is not None and Path(resume_path).resolve().parent == self.path.resolve():
             return  # continuing this folder's own run
+        strange = [name for name in RUN_FILES if (self.path / name).exists() and not (self.path / name).is_file()]
+        if strange:  # never removed: this tool writes files of these names, never folders or links to them
+            raise ValueError(f"run folder {self.path} holds {', '.join(strange)} that is not a file train.py wrote: "
+                             "expected a file; move it away or choose another --name")
         found = [name for name in RUN_FILES if (self.path / name).exists()]
         if not found or overwrite:
             for path in [self.path / name for name in RUN_FILES] + list(self.path.glob(EVENTS_GLOB)):
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                if path.is_file():  # a link is removed, not what it points to
+                    path.unlink()
             return
         raise ValueError(f"run folder {self.path} already holds a run ({', '.join(found)}): continue it with "
                          f"--resume_path {self.path / 'last.ckpt'}, choose another --name, or pass --overwrite "
