@@ -19,7 +19,13 @@ def init_distributed(device: str) -> torch.device:
     if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+        backend = 'nccl' if use_cuda else 'gloo'
+        store, rank, world_size = next(dist.rendezvous('env://'))
+        # torchrun keeps one store over restarts (--max-restarts): without a prefix of its own, a restarted
+        # process could read the address a killed one left there and fail to connect.
+        attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+        dist.init_process_group(backend, store=dist.PrefixStore(f'trar/attempt_{attempt}', store), rank=rank,
+                                world_size=world_size)
     return torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
 
 
