@@ -24,7 +24,7 @@ from utils import dist_util
 from utils.data_utils import (DATASETS, Augmented, UnreadableImage, collate_skipping_none, get_eval_transform,
                               load_split)
 from utils.engine import Precision, evaluate
-from utils.errors import one_line
+from utils.errors import command_line
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,7 +97,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (ValueError, FileNotFoundError, UnreadableImage, OSError) as error:
-        sys.exit(f"error: {one_line(error, limit=None)}")
+    command_line(main, expected=(ValueError, OSError, UnreadableImage))

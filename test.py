@@ -29,7 +29,7 @@ from utils import data_utils
 from utils.data_utils import (DATASETS, UnreadableImage, class_names, get_eval_transform, imagenet_1k_names,
                               is_image_file)
 from utils.files import describe, ensure_writable, write_atomic
-from utils.errors import one_line
+from utils.errors import command_line, one_line
 from utils.visualize import cls_attention, save_routing_plot
 
 
@@ -233,4 +233,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    command_line(main, expected=(InputError,))

@@ -2,6 +2,17 @@
 # Fine-tune ViT (+TRAR) from Google's ImageNet-21k checkpoint. Every variable can be overridden from the
 # environment (e.g. `DATASET=cifar10 IMG_SIZE=224 bash train.sh`); extra arguments go to train.py
 # (e.g. `bash train.sh --orders 0,1,2,3 --set transformer.routing=hard`).
+#
+# Preemption. RESUME=auto makes the same command continue the run's own last.ckpt when there is one (its
+# settings must match) and start afresh otherwise, so a job can simply be run again:
+# - torchrun restarts killed processes by itself: TORCHRUN_ARGS="--standalone --max-restarts 3" RESUME=auto;
+# - SLURM runs a requeued job's script again, the same command; lost work is at most EVAL_EVERY steps (the
+#   checkpoint interval). In the batch script:
+#       #SBATCH --requeue                  # a preempted job goes back to the queue
+#       #SBATCH --signal=B:USR1@120        # near the time limit, USR1 to the batch script...
+#       trap 'scontrol requeue "$SLURM_JOB_ID"' USR1   # ...which requeues the job itself
+#       RESUME=auto NAME=my_run bash train.sh & wait
+#   Keep NAME fixed and leave --overwrite out of a requeued command.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -19,6 +30,8 @@ NUM_STEPS=${NUM_STEPS:-20000}
 WARMUP_STEPS=${WARMUP_STEPS:-1000}
 DECAY_TYPE=${DECAY_TYPE:-cosine}          # cosine or linear
 RESUME_PATH=${RESUME_PATH:-}              # e.g. output/$NAME/last.ckpt
+RESUME=${RESUME:-}                        # auto: continue output/$NAME/last.ckpt if there is one, else start
+EVAL_EVERY=${EVAL_EVERY:-100}             # steps between evaluations and checkpoints
 PRETRAINED_DIR=${PRETRAINED_DIR:-checkpoint/$MODEL_TYPE.npz}
 TORCHRUN_ARGS=${TORCHRUN_ARGS:---standalone}  # multi-node: --nnodes=2 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500
 
@@ -36,8 +49,9 @@ fi
 args=(--name "$NAME" --dataset "$DATASET" --data_dir "$DATA_DIR" --model_type "$MODEL_TYPE"
       --img_size "$IMG_SIZE" --train_batch_size "$TRAIN_BATCH_SIZE" --eval_batch_size "$EVAL_BATCH_SIZE"
       --gradient_accumulation_steps "$GRAD_STEPS" --num_steps "$NUM_STEPS" --warmup_steps "$WARMUP_STEPS"
-      --decay_type "$DECAY_TYPE" --pretrained_dir "$PRETRAINED_DIR")
+      --decay_type "$DECAY_TYPE" --pretrained_dir "$PRETRAINED_DIR" --eval_every "$EVAL_EVERY")
 [[ -n "$RESUME_PATH" ]] && args+=(--resume_path "$RESUME_PATH")
+[[ -n "$RESUME" ]] && args+=(--resume "$RESUME")
 
 if (( NPROC > 1 )); then
   # torchrun (utils/launch.py) that ends a failed run with its one-line error, once, instead of one per process

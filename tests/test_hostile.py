@@ -516,3 +516,36 @@ def test_the_launcher_reports_the_first_failure_and_rank_0s_interrupt(tmp_path):
     for rank in (0, 1):
         leave(rank, f'interrupted on rank {rank}', 130, 1005 - rank)
     assert first_message(tmp_path) == ('interrupted on rank 0', 130)
+
+
+def test_a_failure_of_one_process_under_train_sh_ends_with_its_line_only(tmp_path):
+    """The unreadable validation image is in the second process's shard: that process reports it; the first,
+    which loses its peer mid-collective, exits quietly (no gloo traceback), and the launcher prints one line."""
+    data = tmp_path / 'data'
+    image_tree(data / 'train', per_class=4)
+    image_tree(data / 'val', per_class=2)  # cat/0 cat/1 dog/0 dog/1: index 1 is read by rank 1
+    (data / 'val' / 'cat' / '1.png').write_bytes(b'not a picture')
+    env = {**ONE_THREAD, 'DATASET': 'imagenet', 'DATA_DIR': str(data), 'MODEL_TYPE': 'testing', 'IMG_SIZE': '32',
+           'NAME': 'two', 'TRAIN_BATCH_SIZE': '4', 'EVAL_BATCH_SIZE': '1', 'NUM_STEPS': '1', 'WARMUP_STEPS': '0',
+           'PRETRAINED_DIR': 'none', 'CUDA_VISIBLE_DEVICES': '', 'NPROC': '2', 'PYTHON': sys.executable}
+    failed = subprocess.run(['bash', 'train.sh', '--output_dir', str(tmp_path), '--num_workers', '0'], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1
+    line = last_error_line(failed.stderr)
+    assert line.startswith('error: cannot read image ') and line.count(str(data / 'val' / 'cat' / '1.png')) == 1
+    assert 'Connection closed' not in failed.stderr and 'ChildFailedError' not in failed.stderr
+
+
+def test_ctrl_c_while_train_py_imports_torch_ends_with_one_line(tmp_path):
+    run = subprocess.Popen([sys.executable, 'train.py', *tiny_args(tmp_path, 'early')], cwd=ROOT, env=ONE_THREAD,
+                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    maps = Path(f'/proc/{run.pid}/maps')
+    deadline = time.time() + 120
+    while run.poll() is None and time.time() < deadline and 'libtorch' not in maps.read_text():
+        time.sleep(0.005)  # torch's libraries are being loaded: train.py is inside `import torch`
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130
+    assert last_error_line(stderr) == ('error: interrupted before the first training step; this run wrote no '
+                                       'checkpoint')
+    assert not (tmp_path / 'early').exists()  # stopped before it made its run folder
