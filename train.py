@@ -232,6 +232,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def warn_if_slow_precision(args: argparse.Namespace, device: torch.device, main_process: bool) -> None:
+    if args.fp16 and device.type == 'cpu' and main_process:
+        print("warning: --fp16 on a CPU: autocast there runs slower than float32; it is for trying mixed "
+              "precision out, not for speed", file=sys.stderr)
+
+
 def micro_batch_size(args: argparse.Namespace, world: int) -> int:
     """Each process's micro-batch: the global batch over processes and accumulation steps."""
     accumulation = args.gradient_accumulation_steps
@@ -463,9 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     main_process = rank == 0
     micro_batch = micro_batch_size(args, world)
-    if args.fp16 and device.type == 'cpu' and main_process:
-        print("warning: --fp16 on a CPU: autocast there runs slower than float32; it is for trying mixed "
-              "precision out, not for speed", file=sys.stderr)
+    warn_if_slow_precision(args, device, main_process)
     config = build_config(args)
     out_dir = Path(args.output_dir) / args.name
     resume_path = resume_from(args, out_dir, main_process)

@@ -431,3 +431,14 @@ def test_train_sh_starts_several_cpu_processes_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary['steps'] == 3 and summary['world_size'] == 2
+
+
+def test_the_attention_flag_chooses_the_implementation_and_results_record_it(tmp_path):
+    try:
+        assert train.main(tiny_args(tmp_path, 'dense', '--attention', 'dense', steps=1))['attention'] == 'dense'
+        with pytest.raises(ValueError, match='nope'):
+            train.main(tiny_args(tmp_path, 'bad', '--attention', 'nope', steps=1))
+    finally:
+        train.set_attention(train.build_config(train.get_args(['--name', 'x', '--model_type', 'testing'])), 'auto')
+    assert train.main(tiny_args(tmp_path, 'auto', '--attention', 'auto', steps=1))['attention'] == 'shared_scores'
+    assert train.main(tiny_args(tmp_path, 'plain', '--orders', 'none', steps=1))['attention'] is None
