@@ -185,31 +185,8 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
                              + ', '.join(f'{key}.{name}' for name in node[field]))
         node[field] = parse_field(key, text, node[field])
     if args.attention is not None:
-        set_attention(config, args.attention)
+        config.transformer.attention = args.attention  # validate_config names a bad one
     return validate_config(config)
-
-
-def set_attention(config: ml_collections.ConfigDict, name: str) -> None:
-    """--attention: the config field `transformer.attention`, which validate_config checks."""
-    if 'attention' in config.transformer:
-        config.transformer.attention = name
-        return
-    # TODO: remove once every config has transformer.attention: until then the process-wide choice does the same.
-    from model import trar
-    if name != 'auto' and name not in trar.IMPLEMENTATIONS:
-        raise ValueError(f"--attention {name}: expected auto or one of {', '.join(trar.IMPLEMENTATIONS)}")
-    trar.set_implementation(None if name == 'auto' else name)
-
-
-def attention_in_use(model: VisionTransformer, device: torch.device) -> str | None:
-    """The routed attention implementation the model runs on `device` (None for a plain ViT), for results.json."""
-    if not model.is_routed:
-        return None
-    chosen = getattr(model, 'attention_implementation', None)
-    if chosen is not None:
-        return chosen() if callable(chosen) else chosen
-    from model import trar  # TODO: the model's own record once the attention interface has one
-    return trar.implementation_for(device)
 
 
 def read_pretrained(args: argparse.Namespace) -> pretrained_weights.Pretrained | None:
@@ -371,6 +348,7 @@ def build_optimization(args: argparse.Namespace, model: VisionTransformer, devic
     momentum 0.9, warmup then decay, mixed precision, and hard routing's temperature schedule."""
     precision = Precision.from_args(args.fp16, args.fp16_opt_level, args.amp_dtype, args.loss_scale, device)
     model.to(device=device, dtype=precision.model_dtype)
+    model.attention_implementation(device)  # an implementation the device cannot run fails here, before training
     if args.compile:
         model.compile()  # in place: the state dict keeps its keys, DDP wraps the compiled module
     trained = model
@@ -438,7 +416,7 @@ def results_of(args: argparse.Namespace, model: VisionTransformer, state: RunSta
     """The run's summary: results.json and the last line on stdout."""
     return {
         'name': args.name, 'model_type': args.model_type, 'orders': list(model.config.transformer.orders),
-        'attention': attention_in_use(model, device),
+        'attention': model.attention_implementation(device),
         'img_size': args.img_size, 'dataset': args.dataset, 'best_acc': state.best_acc, 'final_acc': state.final_acc,
         'steps': state.step, 'seconds': round(state.seconds, 2),
         'peak_memory_mib': round(peak_memory_mib(device), 1),

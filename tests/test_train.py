@@ -434,11 +434,10 @@ def test_train_sh_starts_several_cpu_processes_and_resumes(tmp_path):
 
 
 def test_the_attention_flag_chooses_the_implementation_and_results_record_it(tmp_path):
-    try:
-        assert train.main(tiny_args(tmp_path, 'dense', '--attention', 'dense', steps=1))['attention'] == 'dense'
-        with pytest.raises(ValueError, match='nope'):
-            train.main(tiny_args(tmp_path, 'bad', '--attention', 'nope', steps=1))
-    finally:
-        train.set_attention(train.build_config(train.get_args(['--name', 'x', '--model_type', 'testing'])), 'auto')
-    assert train.main(tiny_args(tmp_path, 'auto', '--attention', 'auto', steps=1))['attention'] == 'shared_scores'
+    assert train.main(tiny_args(tmp_path, 'dense', '--attention', 'dense', steps=1))['attention'] == 'dense'
+    assert torch.load(tmp_path / 'dense' / 'last.ckpt', weights_only=True)['config']['transformer']['attention'] == \
+        'dense'
+    with pytest.raises(ValueError, match='nope'):
+        train.main(tiny_args(tmp_path, 'bad', '--attention', 'nope', steps=1))
+    assert train.main(tiny_args(tmp_path, 'auto', steps=1))['attention'] == 'shared_scores'  # the CPU's choice
     assert train.main(tiny_args(tmp_path, 'plain', '--orders', 'none', steps=1))['attention'] is None
