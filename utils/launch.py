@@ -18,9 +18,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
-from utils.errors import LAUNCHED_ENV, ONE_LINE_MARK
-
-INTERRUPTED = 130  # the exit status of a process stopped by Ctrl-C (128 + SIGINT)
+from utils.errors import INTERRUPTED, LAUNCHED_ENV, ONE_LINE_MARK
 
 
 def first_message(log_dir: Path) -> tuple[str, int] | None:
