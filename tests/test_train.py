@@ -441,3 +441,11 @@ def test_the_attention_flag_chooses_the_implementation_and_results_record_it(tmp
         train.main(tiny_args(tmp_path, 'bad', '--attention', 'nope', steps=1))
     assert train.main(tiny_args(tmp_path, 'auto', steps=1))['attention'] == 'shared_scores'  # the CPU's choice
     assert train.main(tiny_args(tmp_path, 'plain', '--orders', 'none', steps=1))['attention'] is None
+
+
+def test_a_run_resumes_with_another_attention_implementation(tmp_path):
+    """The implementation says how routed attention is computed, not what the model is: resuming may change it."""
+    train.main(tiny_args(tmp_path, 'a', '--attention', 'shared_scores', steps=2))
+    resumed = train.main(tiny_args(tmp_path, 'b', '--attention', 'dense', '--resume_path',
+                                   str(tmp_path / 'a' / 'last.ckpt'), steps=3))
+    assert resumed['steps'] == 3 and resumed['attention'] == 'dense'

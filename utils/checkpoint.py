@@ -112,13 +112,17 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+# Config fields that choose how the model computes, not what it is: a run may resume with another value.
+HOW_NOT_WHAT = frozenset({'config.transformer.attention'})
+
+
 def check_compatible(checkpoint: dict, expected: dict) -> None:
     """Raise a one-line error naming every field where a checkpoint's model differs from this run's.
 
     Nested dicts (the config) are compared field by field: `config.transformer.orders: [0, 1] vs [0, 1, 2]`.
     """
     differences = [f"{key}: checkpoint {theirs!r} vs run {ours!r}"
-                   for key, theirs, ours in _differences(checkpoint, expected)]
+                   for key, theirs, ours in _differences(checkpoint, expected) if key not in HOW_NOT_WHAT]
     if differences:
         raise ValueError("checkpoint is from another model: " + '; '.join(differences))
 
