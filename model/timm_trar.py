@@ -1,0 +1,186 @@
+"""TRAR in any timm Vision Transformer: a routed attention layer with timm's `Attention` interface.
+
+`trar_vit(name_or_model, orders, pooling, routing)` builds (or takes) a timm `VisionTransformer`, lets timm load
+its weights (a local file through `pretrained_cfg_overlay=dict(file=...)`, or the hub), then swaps every block's
+`Attention` for a `RoutedAttention` that keeps the same modules (`qkv`, `q_norm`, `k_norm`, `norm`, `proj`: timm's
+weights and names unchanged) and adds TRAR's `Router` (`attn.router.*`, its own initialisation). Every prefix
+token (class, registers, distillation) is global in every order; models without a class token and non-square
+grids work. With no orders the model is timm's own, untouched.
+"""
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .trar import (Router, SpanLayout, check_orders, check_routing, routed_attention, routed_attention_maps,
+                   span_layout, span_masks)
+
+
+class Spans(nn.Module):
+    """The span masks of one model (patch grid, orders, prefix tokens) and their layout, shared by its layers.
+
+    `attend` is the one place a timm model calls routed attention.
+    """
+
+    def __init__(self, grid: tuple[int, int], orders: Sequence[int], num_prefix_tokens: int):
+        super().__init__()
+        self.grid, self.orders, self.num_prefix_tokens = tuple(grid), check_orders(orders, grid), num_prefix_tokens
+        masks = span_masks(grid, self.orders, num_prefix_tokens)
+        self.register_buffer('masks', masks, persistent=False)
+        layout = span_layout(masks)
+        for name in ('index', 'valid', 'full_rows', 'mixing'):
+            self.register_buffer(name, getattr(layout, name), persistent=False)
+        self._orders_of_layout = (layout.global_orders, layout.local_orders, layout.widths)
+
+    def layout(self) -> SpanLayout:
+        return SpanLayout(self.index, self.valid, self.full_rows, self.mixing, *self._orders_of_layout)
+
+    def check_tokens(self, n: int) -> None:
+        h, w = self.grid
+        if n != self.num_prefix_tokens + h * w:
+            raise ValueError(f"{n} tokens do not fit {self.num_prefix_tokens} prefix tokens and the {h}x{w} patch "
+                             "grid the routed model was built for; build it for this image size")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alphas: torch.Tensor, dropout_p: float,
+               binarized: bool) -> torch.Tensor:
+        """Routed attention of (B, H, N, d) q, k, v with (B, L) routing weights, by this repository's dispatch."""
+        return routed_attention(q, k, v, self.masks, alphas, dropout_p, layout=self.layout(), grid=self.grid,
+                                orders=self.orders, binarized=binarized and self.num_prefix_tokens == 1)
+
+    def extra_repr(self) -> str:
+        return f'grid={self.grid}, orders={self.orders}, num_prefix_tokens={self.num_prefix_tokens}'
+
+
+class RoutedAttention(Attention):
+    """timm's `Attention` whose attention is TRAR's routed mix over span orders.
+
+    Parameters and names are `Attention`'s (`qkv`, `q_norm`, `k_norm`, `norm`, `proj`, optional `gate`) plus
+    `router`; the span masks come from the model's shared `Spans`. `last_alphas` holds the routing weights
+    of the last forward pass; with `keep_map` set, `last_map` holds the mixed (B, H, N, N) attention map.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *, spans: Spans, pooling: str = 'avg', routing: str = 'soft',
+                 binarize: bool = False, router_dropout: float = 0.1, **attention_kwargs):
+        super().__init__(dim, num_heads, **attention_kwargs)
+        check_routing(pooling, routing)
+        self.spans = spans
+        self.router = Router(dim, len(spans.orders), pooling, routing, binarize, dropout_rate=router_dropout)
+        self.last_alphas: torch.Tensor | None = None
+        self.keep_map = False
+        self.last_map: torch.Tensor | None = None
+
+    @classmethod
+    def from_attention(cls, attention: Attention, spans: Spans, **routing) -> 'RoutedAttention':
+        """The routed twin of a timm `Attention`: the same modules (weights shared, unchanged) and a fresh router."""
+        if type(attention) is not Attention:
+            raise ValueError(f"{type(attention).__name__} is not timm's Attention; TRAR routes timm's plain "
+                             "multi-head attention only")
+        weight = attention.qkv.weight
+        with torch.device('meta'):
+            routed = cls(attention.qkv.in_features, attention.num_heads, attn_head_dim=attention.head_dim,
+                         dim_out=attention.proj.out_features, spans=spans, **routing)
+        for name, module in attention.named_children():
+            setattr(routed, name, module)
+        routed.gate = attention.gate
+        routed.fused_attn = attention.fused_attn
+        routed.spans = spans
+        routed.router = Router(attention.qkv.in_features, len(spans.orders), routed.router.pooling,
+                               routed.router.routing, routed.router.binarize,
+                               dropout_rate=routing.get('router_dropout', 0.1)).to(weight.device, weight.dtype)
+        return routed.train(attention.training)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("TRAR routed attention takes no attn_mask or is_causal: its span masks are its own")
+        B, N, _ = x.shape
+        self.spans.check_tokens(N)
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        alphas = self.router(x)
+        self.last_alphas = alphas.detach()
+        if self.keep_map:
+            self.last_map = routed_attention_maps(q, k, self.spans.masks, alphas).detach()
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        x = self.spans.attend(q, k, v, alphas, dropout_p, self.router.binarize)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+def trar_vit(model: str | VisionTransformer, orders: Sequence[int] = (0, 1, 2), pooling: str = 'avg',
+             routing: str = 'soft', *, binarize: bool = False, router_dropout: float = 0.1,
+             weights: str | Path | None = None, **create_kwargs) -> VisionTransformer:
+    """A timm ViT (a name for `timm.create_model`, or an instance) with TRAR routed attention in every block.
+
+    `weights`: a local file (`.safetensors`, `.pth`, `.bin`, or a Google `.npz`) or a hub id (`timm/...`,
+    `hf-hub:timm/...`) that timm loads into the named model before routing; `create_kwargs` go to
+    `timm.create_model` (`pretrained=True` takes the name's own hub weights, `num_classes`, `img_size`...).
+    With `orders` empty the model is timm's, unchanged. Routers are initialised fresh.
+    """
+    if isinstance(model, str):
+        model = create(model, weights, **create_kwargs)
+    elif weights is not None or create_kwargs:
+        raise ValueError("weights and create_kwargs apply to a model name; this model is already built")
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer; TRAR routes timm's "
+                         "VisionTransformer family (AugReg, DeiT, DeiT III, MAE, BEiT-style GAP, DINOv2, CLIP, SigLIP)")
+    orders = list(orders)
+    check_routing(pooling, routing)
+    if not orders:
+        return model
+    if getattr(model, 'dynamic_img_size', False):
+        raise ValueError("a timm ViT with dynamic_img_size has no fixed patch grid to route over; "
+                         "create it with dynamic_img_size=False")
+    spans = Spans(tuple(model.patch_embed.grid_size), orders, model.num_prefix_tokens)
+    spans.to(next(model.parameters()).device)
+    for index, block in enumerate(model.blocks):
+        attention = getattr(block, 'attn', None)
+        if attention is None:
+            raise ValueError(f"blocks.{index} ({type(block).__name__}) has no separate attention to route")
+        try:
+            block.attn = RoutedAttention.from_attention(attention, spans, pooling=pooling, routing=routing,
+                                                        binarize=binarize, router_dropout=router_dropout)
+        except ValueError as error:
+            raise ValueError(f"blocks.{index}.attn: {error}") from None
+    return model
+
+
+def create(name: str, weights: str | Path | None = None, **create_kwargs) -> VisionTransformer:
+    """`timm.create_model(name)` with its weights from a local file or a hub id (None: as `create_kwargs` say)."""
+    import timm
+    if weights is not None:
+        source = str(weights)
+        if Path(source).exists():
+            path = Path(source)
+            overlay = dict(file=str(path), custom_load=path.suffix == '.npz')
+        else:
+            overlay = dict(hf_hub_id=source.removeprefix('hf-hub:'), source='hf-hub')
+        overlay = {**create_kwargs.get('pretrained_cfg_overlay', {}), **overlay}
+        create_kwargs = dict(create_kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
+    return timm.create_model(name, **create_kwargs)
+
+
+def routed_layers(model: nn.Module) -> list[RoutedAttention]:
+    """The routed attention layers of a model, in order."""
+    return [module for module in model.modules() if isinstance(module, RoutedAttention)]
+
+
+def routing_weights(model: nn.Module) -> torch.Tensor | None:
+    """Routing weights of the last forward pass: (num_layers, B, len(orders)), or None."""
+    alphas = [layer.last_alphas for layer in routed_layers(model)]
+    if not alphas or alphas[0] is None:
+        return None
+    return torch.stack(alphas)
+
+
+def set_tau(model: nn.Module, tau: float) -> None:
+    """Set the Gumbel-softmax temperature of every router (hard routing)."""
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    for layer in routed_layers(model):
+        layer.router.tau.fill_(tau)

@@ -1,0 +1,216 @@
+"""TRAR in timm ViTs (model/timm_trar.py), each weight family a tiny random timm model saved as .safetensors.
+
+Checked against timm itself (no orders, and the global order alone), the float64 TRAR formula with the family's
+prefix tokens (orders 0, 1, 2), and this repository's own VisionTransformer on Google-layout weights.
+"""
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from model.config import get_config
+from model.modeling import VisionTransformer
+from model.timm_trar import RoutedAttention, routed_layers, routing_weights, set_tau, trar_vit
+from model.trar import use_implementation
+from official_npz import make_official_weights
+from test_trar import reference_masks, reference_routed_attention
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5)
+# Each family: the timm architecture and what makes it that family (prefix tokens, pooling, norms, patch).
+FAMILIES = {
+    'class_token': ('vit_base_patch16_224', {}),
+    'registers': ('vit_base_patch16_224', dict(reg_tokens=3, no_embed_class=True, img_size=(32, 48))),
+    'distillation': ('deit_base_distilled_patch16_224', {}),
+    'gap': ('vit_base_patch16_224', dict(global_pool='avg', fc_norm=True)),
+    'map_no_class_token': ('vit_base_patch16_224', dict(class_token=False, global_pool='map')),
+    'pre_norm': ('vit_base_patch16_224', dict(pre_norm=True, img_size=(24, 40))),
+    'layer_scale': ('vit_base_patch16_224', dict(init_values=1e-5)),
+    'qk_norm': ('vit_base_patch16_224', dict(qk_norm=True)),
+    'patch14': ('vit_base_patch14_dinov2', dict(img_size=42, patch_size=14, init_values=1e-5, dynamic_img_size=False)),
+}
+PREFIX = {'class_token': 1, 'registers': 4, 'distillation': 2, 'gap': 1, 'map_no_class_token': 0, 'pre_norm': 1,
+          'layer_scale': 1, 'qk_norm': 1, 'patch14': 1}
+
+
+def family_kwargs(family: str) -> dict:
+    return {**TINY, **FAMILIES[family][1]}
+
+
+def saved_family(family: str, path) -> torch.nn.Module:
+    """A timm model of the family, every parameter random (norms and layer scales included), saved at `path`."""
+    torch.manual_seed(0)
+    model = timm.create_model(FAMILIES[family][0], **family_kwargs(family))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.2)
+    save_file(model.state_dict(), path)
+    return model.eval()
+
+
+def loaded(family: str, path, orders) -> torch.nn.Module:
+    """The family's routed model, its weights loaded by timm from the file."""
+    torch.manual_seed(1)
+    return trar_vit(FAMILIES[family][0], orders, weights=path, pretrained_cfg_overlay=dict(num_classes=5),
+                    **family_kwargs(family)).eval()
+
+
+def images(model, batch: int = 2) -> torch.Tensor:
+    torch.manual_seed(2)
+    return torch.randn(batch, 3, *model.patch_embed.img_size)
+
+
+def reference_forward(layer: RoutedAttention, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output by the TRAR formula in float64, from its timm modules and router, masks brute-forced."""
+    B, N, _ = x.shape
+    q, k, v = layer.qkv(x).reshape(B, N, 3, layer.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = layer.q_norm(q), layer.k_norm(k)
+    spans = layer.spans
+    masks = reference_masks(*spans.grid, spans.orders, prefix=N - spans.grid[0] * spans.grid[1])
+    out = reference_routed_attention(q, k, v, masks, layer.router(x).double())
+    return layer.proj(layer.norm(out.transpose(1, 2).reshape(B, N, -1)))
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_family_loads_and_routes(tmp_path, family):
+    source = saved_family(family, tmp_path / 'vit.safetensors')
+    x = images(source)
+    with torch.no_grad():
+        expected = source(x)
+        plain = loaded(family, tmp_path / 'vit.safetensors', orders=[])
+        assert not routed_layers(plain)
+        assert (plain(x) - expected).abs().max() <= 1e-5  # timm's own model, through timm's loader
+        global_only = loaded(family, tmp_path / 'vit.safetensors', orders=[0])
+        assert (global_only(x) - expected).abs().max() <= 1e-5  # the routed layer, one global order
+
+        routed = loaded(family, tmp_path / 'vit.safetensors', orders=[0, 1, 2]).double()
+        layers = routed_layers(routed)
+        assert len(layers) == 2 and layers[0].spans.num_prefix_tokens == PREFIX[family]
+        assert layers[0].spans is layers[1].spans
+        got = routed(x.double())
+        for layer in layers:
+            layer.forward = lambda tokens, attn_mask=None, is_causal=False, layer=layer: reference_forward(layer, tokens)
+        want = routed(x.double())
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert (got - expected.double()).abs().max() > 1e-3  # local orders change the logits
+
+
+def test_every_prefix_token_is_global_in_every_order():
+    for name, kwargs, prefix in (('deit_base_distilled_patch16_224', {}, 2),
+                                 ('vit_base_patch16_224', dict(reg_tokens=2), 3),
+                                 ('vit_base_patch16_224', dict(class_token=False, global_pool='avg'), 0)):
+        masks = trar_vit(name, [1, 2], **TINY, **kwargs).blocks[1].attn.spans.masks
+        assert masks.shape == (2, prefix + 16, prefix + 16)
+        assert masks[:, :prefix].all() and masks[:, :, :prefix].all()
+        assert not masks[:, prefix:, prefix:].flatten(1).all(dim=1).any()
+
+
+def test_weights_keep_timm_names_and_add_routers(tmp_path):
+    source = saved_family('qk_norm', tmp_path / 'vit.safetensors')
+    routed = loaded('qk_norm', tmp_path / 'vit.safetensors', orders=[0, 1])
+    state = routed.state_dict()
+    for key, value in source.state_dict().items():
+        assert torch.equal(state[key], value), key
+    extra = sorted(set(state) - set(source.state_dict()))
+    assert extra and all('.attn.router.' in key for key in extra)
+    plain = timm.create_model('vit_base_patch16_224', **family_kwargs('qk_norm'))
+    assert sorted(plain.load_state_dict(routed.state_dict(), strict=False).unexpected_keys) == extra
+
+
+def test_routing_weights_tau_and_training_backward():
+    torch.manual_seed(0)
+    model = trar_vit('vit_base_patch16_224', [0, 1], routing='hard', **TINY)
+    set_tau(model, 0.5)
+    assert all(layer.router.tau.item() == 0.5 for layer in routed_layers(model))
+    x = torch.randn(3, 3, 32, 32)
+    model(x).sum().backward()
+    alphas = routing_weights(model)
+    assert alphas.shape == (2, 3, 2)
+    torch.testing.assert_close(alphas.sum(-1), torch.ones(2, 3))
+    assert all(layer.router.mlp[0].weight.grad.abs().sum() > 0 for layer in routed_layers(model))
+
+
+@pytest.mark.parametrize('implementation', ['dense', 'shared_scores'])
+def test_each_implementation_gives_the_same_model(implementation):
+    torch.manual_seed(0)
+    model = trar_vit('vit_base_patch16_224', [0, 2], **{**TINY, 'reg_tokens': 1}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with use_implementation('dense'):
+            expected = model(x)
+        with use_implementation(implementation):
+            got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_binarized_routing_with_one_prefix_token_matches_the_formula():
+    torch.manual_seed(0)
+    model = trar_vit('vit_base_patch16_224', [0, 1, 2], binarize=True, **TINY).eval().double()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        got = model(x)
+        for layer in routed_layers(model):
+            layer.forward = lambda tokens, attn_mask=None, is_causal=False, layer=layer: reference_forward(layer, tokens)
+        want = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_google_b16_layout_equals_this_repositorys_vit(tmp_path):
+    """The same Google .npz and routers: timm's ViT made routed gives this repository's VisionTransformer's logits."""
+    config = get_config('testing')
+    config.transformer.orders = [0, 1, 2]
+    config.transformer.dropout_rate = 0.0
+    arrays = make_official_weights(config, img_size=32, num_classes=7, seed=3)
+    np.savez(tmp_path / 'vit.npz', **arrays)
+    torch.manual_seed(0)
+    own = VisionTransformer(config, img_size=32, num_classes=7)
+    own.load_from(np.load(tmp_path / 'vit.npz'))
+    routed = trar_vit('vit_base_patch16_224', [0, 1, 2], weights=tmp_path / 'vit.npz',
+                      **{**TINY, 'patch_size': 4, 'num_classes': 7}).eval()
+    for index, layer in enumerate(routed_layers(routed)):
+        layer.router.load_state_dict(own.transformer.encoder.layer[index].attn.router.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = own.eval()(x), routed(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hub_weights_from_a_local_cache_without_network(tmp_path, monkeypatch):
+    """A name with a tag and a hub id both read the Hugging Face cache layout (HF_HUB_OFFLINE=1, no network)."""
+    source = saved_family('class_token', tmp_path / 'vit.safetensors')
+    for repo in ('timm/vit_base_patch16_224.augreg2_in21k_ft_in1k', 'someone/tiny-vit'):
+        snapshot = tmp_path / 'hub' / f"models--{repo.replace('/', '--')}" / 'snapshots' / ('0' * 40)
+        snapshot.mkdir(parents=True)
+        (snapshot / 'model.safetensors').write_bytes((tmp_path / 'vit.safetensors').read_bytes())
+        (snapshot.parent.parent / 'refs').mkdir()
+        (snapshot.parent.parent / 'refs' / 'main').write_text('0' * 40)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_OFFLINE', True)
+    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_CACHE', str(tmp_path / 'hub'))
+    x = images(source)
+    kwargs = dict(family_kwargs('class_token'), pretrained_cfg_overlay=dict(num_classes=5))
+    by_tag = trar_vit('vit_base_patch16_224.augreg2_in21k_ft_in1k', [], pretrained=True, **kwargs).eval()
+    by_id = trar_vit('vit_base_patch16_224', [], weights='hf-hub:someone/tiny-vit', **kwargs).eval()
+    with torch.no_grad():
+        for model in (by_tag, by_id):
+            assert (model(x) - source(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize('call, expected', [
+    (lambda: trar_vit(torch.nn.Linear(2, 2)), 'Linear is not a timm VisionTransformer'),
+    (lambda: trar_vit('vit_base_patch16_224', [0, 9], **TINY), 'order 9 is not in [0, 4)'),
+    (lambda: trar_vit('vit_base_patch16_224', [0], pooling='max', **TINY), "unknown pooling 'max'"),
+    (lambda: trar_vit('vit_base_patch16_224', [0], **{**TINY, 'dynamic_img_size': True}), 'dynamic_img_size'),
+    (lambda: trar_vit('vit_base_patch16_224', [0], attn_layer='diff', **TINY),
+     "blocks.0.attn: DiffAttention is not timm's Attention"),
+])
+def test_what_cannot_route_is_named_in_one_line(call, expected):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert expected in str(error.value) and '\n' not in str(error.value)
+
+
+def test_tokens_of_another_grid_are_refused_in_one_line():
+    layer = trar_vit('vit_base_patch16_224', [0, 1], **TINY).blocks[0].attn
+    with pytest.raises(ValueError, match='5 tokens do not fit 1 prefix tokens and the 4x4 patch grid'):
+        layer(torch.randn(1, 5, 32))
