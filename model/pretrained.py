@@ -22,15 +22,12 @@ from typing import Callable
 import ml_collections
 import numpy as np
 import torch
-from scipy import ndimage
-
-from utils.checkpoint import read as read_checkpoint
-from utils.errors import one_line
-from utils.files import check_file
+from timm.layers import resample_abs_pos_embed
 
 from .attention import as_grid
 from .config import get_config, with_added_fields
 from .modeling import VisionTransformer
+from .reading import check_file, one_line, read_checkpoint
 from .trar import check_router_keys
 
 LAYOUTS = ("Google .npz (vit_jax 'Transformer/encoderblock_0/...' or big_vision 'params/...')",
@@ -256,6 +253,9 @@ def from_google_arrays(arrays: dict[str, np.ndarray], path: Path | str = 'weight
     if prefix is None:
         raise _unknown(path, arrays)
     arrays = {key: value for key, value in arrays.items() if key.startswith(prefix)}  # not the optimizer's state
+    odd = next((key for key, value in arrays.items() if value.dtype.kind != 'f'), None)
+    if odd is not None:
+        raise ValueError(f"{path}: {odd} holds {arrays[odd].dtype} values; expected floating-point weights")
     big_vision = prefix.startswith('params/') or f'{prefix}pos_embedding' in arrays \
         or f'{prefix}Transformer/encoderblock/LayerNorm_0/scale' in arrays
     arrays = _unstack_blocks(arrays, prefix)
@@ -267,7 +267,7 @@ def from_google_arrays(arrays: dict[str, np.ndarray], path: Path | str = 'weight
     if pos_key not in arrays:
         raise ValueError(f"{path} cannot be held by this ViT: it has no learned position embedding {pos_key} "
                          "(fixed sin-cos position embeddings?)")
-    tensors = {key: torch.from_numpy(np.ascontiguousarray(value)).float() for key, value in arrays.items()}
+    tensors = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}
     query = tensors.get(f'{prefix}Transformer/encoderblock_0/'
                         f'MultiHeadDotProductAttention_{0 if big_vision else 1}/query/kernel')
     pretrained = _rename(path, 'big_vision' if big_vision else 'vit_jax', tensors, _google_rules(prefix, big_vision))
@@ -296,18 +296,20 @@ def _from_state_dict(path: Path, entries: dict) -> Pretrained:
             if wrapper == 'state_dict':
                 checkpoint = {key: value for key, value in state.items() if key != 'state_dict'}
             state = state[wrapper]
+    odd = next((key for key in state if not isinstance(key, str)), None)
+    if odd is not None:
+        raise ValueError(f"{path}: entry {odd!r} is named by a {type(odd).__name__}; expected weight names (strings)")
     tensors = {key.removeprefix('module.'): value for key, value in state.items() if isinstance(value, torch.Tensor)}
     if 'patch_embed.proj.weight' in tensors:
         _check_supported(path, 'timm', tensors)
         if 'cls_token' not in tensors:
             raise ValueError(f"{path} cannot be held by this ViT: it has no class token (cls_token), so it pools "
                              "globally (global-average pooling); this model classifies from its class token")
-        return _rename(path, 'timm', {k: v.float() for k, v in tensors.items()}, _timm_rules())
+        return _rename(path, 'timm', tensors, _timm_rules())
     if PATCH in tensors or any(key.startswith('transformer.embeddings.') for key in tensors):
         layout = 'train.py' if 'config' in checkpoint else 'vit_pytorch'
         _check_supported(path, 'own', tensors)
-        pretrained = _rename(path, layout, {k: v.float() if v.is_floating_point() else v
-                                            for k, v in tensors.items()}, _own_rules())
+        pretrained = _rename(path, layout, tensors, _own_rules())
         pretrained.checkpoint = checkpoint
         return pretrained
     raise _unknown(path, tensors or state)
@@ -319,10 +321,23 @@ def _check_supported(path: Path, family: str, keys) -> None:
         raise ValueError(f"{path} cannot be held by this ViT: it has {', '.join(what)}")
 
 
+def check_weights(path: Path | str, tensors: dict[str, torch.Tensor]) -> None:
+    """The one rule for weights: every tensor floating-point and finite, else a one-line error naming it."""
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise ValueError(f"{path}: {key} holds {str(value.dtype).removeprefix('torch.')} values; "
+                             "expected floating-point weights")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{path}: {key} holds NaN or infinite values; expected finite weights")
+
+
 def _rename(path: Path, layout: str, tensors: dict[str, torch.Tensor], rules: list[Rule]) -> Pretrained:
-    """Apply `rules` to every key; a key no rule knows is named in a one-line error."""
+    """Apply `rules` to every key, each tensor checked by `check_weights` and made float32; a key no rule knows is
+    named in a one-line error."""
+    check_weights(path, tensors)
     renamed, unknown = {}, []
     for key, value in tensors.items():
+        value = value.float()
         for rule in rules:
             groups = rule.match(key, lambda r: r.theirs)
             if groups is not None:
@@ -350,7 +365,7 @@ def resize_posemb(posemb: torch.Tensor, grid: tuple[int, int], path: Path | str 
     """A (1, [1 +] g*g, D) position embedding as (1, 1 + grid_h*grid_w, D).
 
     A table without a class position (big_vision, timm's no_embed_class) gets a zero one; another grid is
-    resized as the official code does (scipy zoom, order 1).
+    resampled by timm's `resample_abs_pos_embed` (bilinear, as timm resizes Google's tables).
     """
     if posemb.dim() == 2:
         posemb = posemb[None]
@@ -367,11 +382,7 @@ def resize_posemb(posemb: torch.Tensor, grid: tuple[int, int], path: Path | str 
                          f"nor this model's 1 + {grid[0]}x{grid[1]}")
     if tokens == wanted + 1:
         return posemb
-    side = math.isqrt(tokens - 1)
-    patches = posemb[0, 1:].double().numpy().reshape(side, side, -1)
-    patches = ndimage.zoom(patches, (grid[0] / side, grid[1] / side, 1), order=1)
-    patches = torch.from_numpy(patches.reshape(1, wanted, -1)).to(posemb.dtype)
-    return torch.cat([posemb[:, :1], patches], dim=1)
+    return resample_abs_pos_embed(posemb, list(grid), num_prefix_tokens=1, interpolation='bilinear', antialias=False)
 
 
 def _is_square(n: int) -> bool:
@@ -487,9 +498,12 @@ def _image_size(weights: Pretrained, config: ml_collections.ConfigDict) -> int:
     posemb = weights.tensors.get(POSEMB)
     if posemb is None:
         raise ValueError(f"{weights.path} has no position embeddings")
+    if posemb.dim() not in (2, 3):
+        raise ValueError(f"{weights.path}: position embedding of shape {tuple(posemb.shape)}; "
+                         "expected (1, tokens, width)")
     tokens = posemb.shape[-2]
     side = math.isqrt(tokens - 1) if _is_square(tokens - 1) else math.isqrt(tokens) if _is_square(tokens) else None
-    if side is None or posemb.dim() not in (2, 3):
+    if side is None:
         raise ValueError(f"{weights.path}: position embedding of {tokens} tokens is not a square grid; "
                          "pass --img_size")
     return side * int(as_grid(config.patches.size)[0])

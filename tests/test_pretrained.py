@@ -94,9 +94,9 @@ def test_another_image_size_resizes_the_position_embeddings(tmp_path):
     old = source.pos_embed.detach()
     assert new.shape == (1, 1 + 12 * 12, 32)
     torch.testing.assert_close(new[:, 0], old[:, 0])  # the class position is kept
-    # scipy's order-1 zoom is bilinear interpolation with the corners aligned.
+    # timm resizes Google's tables by bilinear interpolation of the pixel centres, without antialiasing.
     grid = old[0, 1:].reshape(8, 8, 32).permute(2, 0, 1)[None]
-    expected = F.interpolate(grid.double(), size=(12, 12), mode='bilinear', align_corners=True)
+    expected = F.interpolate(grid.double(), size=(12, 12), mode='bilinear', align_corners=False)
     torch.testing.assert_close(new[0, 1:].double(), expected[0].permute(1, 2, 0).reshape(144, 32), atol=1e-5, rtol=0)
     assert model(torch.randn(2, 3, 48, 48)).shape == (2, 10)
 
@@ -321,3 +321,65 @@ def test_test_py_predicts_with_timm_weights(tmp_path, capsys):
     result = json.loads(out)
     assert [index for index, _, _ in result['topk']] == probs.topk(3).indices.tolist()
     np.testing.assert_allclose([p for _, _, p in result['topk']], probs.topk(3).values.numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one rule for weights: finite floating-point tensors of the expected shapes, or one line naming the tensor
+
+
+@pytest.mark.parametrize('name, value, words', [
+    ('blocks.1.mlp.fc2.bias', float('nan'), 'blocks.1.mlp.fc2.bias holds NaN or infinite values'),
+    ('norm.weight', float('inf'), 'norm.weight holds NaN or infinite values'),
+    ('blocks.0.attn.qkv.weight', torch.int64, 'blocks.0.attn.qkv.weight holds int64 values'),
+    ('head.bias', torch.bool, 'head.bias holds bool values'),
+])
+def test_non_finite_or_non_float_timm_weights_are_named(tmp_path, name, value, words):
+    state = timm_vit().state_dict()
+    if isinstance(value, float):
+        state[name] = state[name].clone()
+        state[name].view(-1)[3] = value
+    else:
+        state[name] = torch.ones_like(state[name], dtype=value)
+    for suffix in ('.safetensors', '.pth'):
+        path = tmp_path / f'bad{suffix}'
+        save_file(state, path) if suffix == '.safetensors' else torch.save({'model': state}, path)
+        message = one_line_error(pretrained.read, path)
+        assert words in message and str(path) in message
+
+
+def test_own_layout_non_finite_weights_are_named(tmp_path):
+    model = VisionTransformer(get_config('testing'), img_size=32, num_classes=10)
+    state = model.state_dict()
+    state['transformer.encoder.layer.1.attn.router.mlp.2.bias'][0] = float('-inf')
+    torch.save(state, tmp_path / 'own.pth')
+    assert 'layer.1.attn.router.mlp.2.bias holds NaN or infinite' in one_line_error(pretrained.read,
+                                                                                     tmp_path / 'own.pth')
+
+
+@pytest.mark.parametrize('value, words', [(np.array(['a', 'b']), '<U1 values'), (np.array([b'ab']), '|S2 values'),
+                                          (np.arange(4), 'int64 values'), (np.ones(3, dtype=bool), 'bool values')])
+def test_npz_arrays_that_are_not_floats_are_named(tmp_path, value, words):
+    w = make_official_weights(plain_testing(), 32, 5)
+    w['Transformer/encoderblock_1/LayerNorm_2/bias'] = value
+    np.savez(tmp_path / 'bad.npz', **w)
+    message = one_line_error(pretrained.read, tmp_path / 'bad.npz')
+    assert 'Transformer/encoderblock_1/LayerNorm_2/bias holds' in message and words in message
+    w['Transformer/encoderblock_1/LayerNorm_2/bias'] = np.full(32, np.nan, dtype=np.float32)
+    np.savez(tmp_path / 'nan.npz', **w)
+    assert 'LayerNorm_2/bias holds NaN' in one_line_error(pretrained.read, tmp_path / 'nan.npz')
+
+
+def test_integer_keys_in_a_pth_are_named(tmp_path):
+    torch.save({**timm_vit().state_dict(), 7: torch.zeros(2)}, tmp_path / 'odd.pth')
+    assert 'entry 7 is named by a int' in one_line_error(pretrained.read, tmp_path / 'odd.pth')
+
+
+def test_a_one_dimensional_position_embedding_is_named(tmp_path):
+    state = {**timm_vit().state_dict(), 'pos_embed': torch.randn(65 * 32)}
+    path = tmp_path / 'flat.safetensors'
+    save_file(state, path)
+    weights = pretrained.read(path)
+    for call in (lambda: pretrained.build_model(weights, 'testing'),
+                 lambda: pretrained.load_pretrained(VisionTransformer(plain_testing(), 32, num_classes=10), weights)):
+        message = one_line_error(call)
+        assert 'position embedding of shape (2080,)' in message and str(path) in message

@@ -3,7 +3,6 @@
 A checkpoint is a plain dict that loads with `torch.load(path, weights_only=True)`.
 """
 import io
-import pickle
 import random
 from pathlib import Path
 from typing import Callable
@@ -13,7 +12,8 @@ import torch
 
 from utils import dist_util
 from utils.errors import INTERRUPTED, RunError, interrupts_deferred, one_line
-from utils.files import check_file, describe, write_atomic
+from model.reading import read_checkpoint as read  # noqa: F401 (utils.checkpoint.read)
+from utils.files import describe, write_atomic
 
 # What resuming needs of a checkpoint written by train.py (a hand-edited one may lack some).
 RESUME_KEYS = ('state_dict', 'optimizer', 'scheduler', 'rng', 'step', 'model_type', 'img_size', 'num_classes',
@@ -52,32 +52,6 @@ def save_atomic(state: dict, path: Path) -> None:
                     raise recorder.error from None
                 raise
     write_atomic(path, write)
-
-
-def _unpickling_cause(error: Exception) -> str:
-    """Why torch's weights-only loader refused a file: its message's paragraph naming the refused object."""
-    paragraphs = [part.strip() for part in str(error).split('\n\n') if part.strip()]
-    cause = next((part for part in paragraphs[1:] if 'GLOBAL' in part or 'WeightsUnpickler' in part),
-                 paragraphs[1] if len(paragraphs) > 1 else one_line(error))
-    return ' '.join(cause.split())
-
-
-def read(path: str | Path) -> dict:
-    """The dict a checkpoint file holds (loaded weights-only, on the CPU), with a one-line error for anything else."""
-    path = Path(path)
-    check_file(path, 'checkpoint', 'a checkpoint file written by train.py, e.g. last.ckpt')
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as error:
-        if 'weights only' not in str(error).lower():
-            raise ValueError(f"{path} is not a readable checkpoint: {one_line(error)}") from None
-        raise ValueError(f"{path} is not a readable checkpoint: it holds objects that only arbitrary code could "
-                         f"load, which is never done: {_unpickling_cause(error)}") from None
-    except Exception as error:  # torch raises many types for a file that is not a checkpoint
-        raise ValueError(f"{path} is not a readable checkpoint: {one_line(error)}") from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
-    return checkpoint
 
 
 def load(path: str | Path, required: tuple[str, ...] = ('state_dict',)) -> dict:

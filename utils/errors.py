@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Callable, NoReturn
 
+from model.reading import one_line  # the tools' one-line messages
+
 
 class RunError(Exception):
     """An expected failure (bad input, a full disk, an interrupt): one line on stderr and exit status `code`."""
@@ -24,20 +26,6 @@ class RunError(Exception):
 
 
 INTERRUPTED = 130  # the exit status of a process stopped by Ctrl-C (128 + SIGINT)
-
-
-def one_line(error: BaseException, limit: int | None = 300) -> str:
-    """An error's message as one line, cut at `limit` characters (some list hundreds of keys; None: never).
-
-    That is its first line, except for an error re-raised from a DataLoader worker, whose message is
-    the worker's traceback: then the original error's message, which the traceback ends with.
-    """
-    text = str(error).strip() or type(error).__name__
-    if '\nOriginal Traceback' in text:
-        last = text.splitlines()[-1]  # "module.ErrorType: message"
-        text = last.partition(': ')[2] or last
-    text = text.splitlines()[0]
-    return text if limit is None or len(text) <= limit else text[:limit] + ' ...'
 
 
 class Interrupts:

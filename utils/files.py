@@ -45,18 +45,6 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
             os.close(folder)
 
 
-def check_file(path: Path, what: str, expected: str) -> None:
-    """One-line errors for a `what` path that is a folder, missing, a special file or empty (an interrupted download)."""
-    if path.is_dir():
-        raise ValueError(f"{what} {path} is a folder: expected {expected}")
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    if not path.is_file():  # a FIFO or device would block the reader
-        raise ValueError(f"{what} {path} is not a regular file: expected {expected}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{what} {path} is empty (0 bytes): expected {expected}; an interrupted download?")
-
-
 def ensure_writable(folder: Path) -> None:
     """Create `folder` if needed and write and remove a probe file in it; an OSError says why it cannot be written."""
     folder.mkdir(parents=True, exist_ok=True)
