@@ -22,7 +22,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 import torch
-from timm.layers import resample_abs_pos_embed
+from scipy import ndimage
 
 from .attention import as_grid
 from .config import get_config, with_added_fields
@@ -318,7 +318,8 @@ def _from_state_dict(path: Path, entries: dict) -> Pretrained:
 def _check_supported(path: Path, family: str, keys) -> None:
     what = [label for pattern, label in UNSUPPORTED[family] if any(re.search(pattern, key) for key in keys)]
     if what:
-        raise ValueError(f"{path} cannot be held by this ViT: it has {', '.join(what)}")
+        timm = "; timm builds it: --model_type timm:<its timm name> (docs/timm.md)" if family == 'timm' else ''
+        raise ValueError(f"{path} cannot be held by this ViT: it has {', '.join(what)}{timm}")
 
 
 def check_weights(path: Path | str, tensors: dict[str, torch.Tensor]) -> None:
@@ -365,7 +366,7 @@ def resize_posemb(posemb: torch.Tensor, grid: tuple[int, int], path: Path | str 
     """A (1, [1 +] g*g, D) position embedding as (1, 1 + grid_h*grid_w, D).
 
     A table without a class position (big_vision, timm's no_embed_class) gets a zero one; another grid is
-    resampled by timm's `resample_abs_pos_embed` (bilinear, as timm resizes Google's tables).
+    resized as the official code does (scipy zoom, order 1).
     """
     if posemb.dim() == 2:
         posemb = posemb[None]
@@ -382,7 +383,11 @@ def resize_posemb(posemb: torch.Tensor, grid: tuple[int, int], path: Path | str 
                          f"nor this model's 1 + {grid[0]}x{grid[1]}")
     if tokens == wanted + 1:
         return posemb
-    return resample_abs_pos_embed(posemb, list(grid), num_prefix_tokens=1, interpolation='bilinear', antialias=False)
+    side = math.isqrt(tokens - 1)
+    patches = posemb[0, 1:].double().numpy().reshape(side, side, -1)
+    patches = ndimage.zoom(patches, (grid[0] / side, grid[1] / side, 1), order=1)
+    patches = torch.from_numpy(patches.reshape(1, wanted, -1)).to(posemb.dtype)
+    return torch.cat([posemb[:, :1], patches], dim=1)
 
 
 def _is_square(n: int) -> bool:

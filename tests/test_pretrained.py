@@ -94,9 +94,9 @@ def test_another_image_size_resizes_the_position_embeddings(tmp_path):
     old = source.pos_embed.detach()
     assert new.shape == (1, 1 + 12 * 12, 32)
     torch.testing.assert_close(new[:, 0], old[:, 0])  # the class position is kept
-    # timm resizes Google's tables by bilinear interpolation of the pixel centres, without antialiasing.
+    # scipy's order-1 zoom is bilinear interpolation with the corners aligned.
     grid = old[0, 1:].reshape(8, 8, 32).permute(2, 0, 1)[None]
-    expected = F.interpolate(grid.double(), size=(12, 12), mode='bilinear', align_corners=False)
+    expected = F.interpolate(grid.double(), size=(12, 12), mode='bilinear', align_corners=True)
     torch.testing.assert_close(new[0, 1:].double(), expected[0].permute(1, 2, 0).reshape(144, 32), atol=1e-5, rtol=0)
     assert model(torch.randn(2, 3, 48, 48)).shape == (2, 10)
 
