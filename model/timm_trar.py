@@ -10,12 +10,16 @@ grids work. With no orders the model is timm's own, untouched.
 from pathlib import Path
 from typing import Sequence
 
+import ml_collections
+import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .trar import (Router, SpanLayout, check_orders, check_routing, routed_attention, routed_attention_maps,
+from .config import get_config
+from .trar import (Router, SpanLayout, as_grid, check_orders, check_routing, routed_attention, routed_attention_maps,
                    span_layout, span_masks)
 
 
@@ -152,7 +156,6 @@ def trar_vit(model: str | VisionTransformer, orders: Sequence[int] = (0, 1, 2), 
 
 def create(name: str, weights: str | Path | None = None, **create_kwargs) -> VisionTransformer:
     """`timm.create_model(name)` with its weights from a local file or a hub id (None: as `create_kwargs` say)."""
-    import timm
     if weights is not None:
         source = str(weights)
         if Path(source).exists():
@@ -184,3 +187,91 @@ def set_tau(model: nn.Module, tau: float) -> None:
         raise ValueError(f"tau must be positive, got {tau}")
     for layer in routed_layers(model):
         layer.router.tau.fill_(tau)
+
+
+# ---------------------------------------------------------------------------------------------
+# A timm ViT for the scripts (train.py, eval.py, test.py): `--model_type timm:<name>`
+
+PREFIX = 'timm:'
+# The fields of model/config.py's `transformer` that a timm model takes (its architecture is timm's).
+ROUTING_FIELDS = ('pooling', 'routing', 'binarize', 'eval_noise', 'tau_max', 'tau_min', 'dropout_rate')
+
+
+def is_timm(model_type: str) -> bool:
+    """Whether a `--model_type` names a timm model (`timm:<name>`)."""
+    return str(model_type).startswith(PREFIX)
+
+
+def timm_config(model_type: str, orders: Sequence[int] = (0, 1, 2)) -> ml_collections.ConfigDict:
+    """The config of a `timm:<name>` model: its name and TRAR's routing fields, as `model/config.py` has them.
+
+    The architecture is timm's (the name); `transformer.num_layers` is filled in when the model is built.
+    """
+    name = model_type.removeprefix(PREFIX)
+    if not name or name.split('.')[0] not in timm.list_models(name.split('.')[0]):
+        raise ValueError(f"--model_type {model_type!r}: expected timm:<a timm model name>, e.g. "
+                         "timm:vit_base_patch16_224.augreg_in21k")
+    routing = {field: get_config('testing').transformer[field] for field in ROUTING_FIELDS}
+    return ml_collections.ConfigDict({'timm_name': name, 'transformer': {**routing, 'orders': list(orders)}})
+
+
+class TimmViT(nn.Module):
+    """A timm ViT, routed by `trar_vit` when its config has orders, with the interface of this repository's
+    `VisionTransformer` that the scripts use: `config`, `img_size`, `grid`, `num_classes`, `is_routed`,
+    `routing_weights()`, `set_tau()`, `attention_maps()`. Its state dict is timm's under `vit.`.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, img_size: int | Sequence[int], num_classes: int,
+                 weights: str | Path | None = None):
+        super().__init__()
+        t = config.transformer
+        size = as_grid(img_size)
+        self.vit = trar_vit(config.timm_name, list(t.orders), t.pooling, t.routing, binarize=t.binarize,
+                            router_dropout=t.dropout_rate, weights=weights, num_classes=num_classes, img_size=size)
+        for layer in routed_layers(self.vit):
+            layer.router.eval_noise = t.eval_noise
+        t.num_layers = len(self.vit.blocks)
+        self.config, self.img_size, self.num_classes = config, size, num_classes
+        self.grid = tuple(self.vit.patch_embed.grid_size)
+        self.zero_head = False
+
+    @property
+    def is_routed(self) -> bool:
+        return len(self.config.transformer.orders) > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)
+
+    def routing_weights(self) -> torch.Tensor | None:
+        return routing_weights(self.vit)
+
+    def set_tau(self, tau: float) -> None:
+        set_tau(self.vit, tau)
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, the (B, heads, 1 + patches, 1 + patches) attention map used (the routed mix when routed):
+        token 0 is the first prefix token (the class token) and the other prefix tokens are left out; without a
+        prefix token, token 0 is the mean over the patch queries."""
+        layers = routed_layers(self.vit)
+        if not layers:  # a plain model: route it over the global order alone, which is the same attention
+            raise ValueError("attention maps of a timm model need orders (the global order 0 gives timm's own)")
+        for layer in layers:
+            layer.keep_map = True
+        try:
+            self.vit(x)
+            maps = [layer.last_map for layer in layers]
+        finally:
+            for layer in layers:
+                layer.keep_map, layer.last_map = False, None
+        prefix = layers[0].spans.num_prefix_tokens
+        if prefix == 0:
+            return [F.pad(torch.cat([m.mean(dim=2, keepdim=True), m], dim=2), (1, 0)) for m in maps]
+        keep = [0, *range(prefix, maps[0].shape[-1])]
+        return [m[:, :, keep][:, :, :, keep] for m in maps]
+
+
+def data_config(model: nn.Module) -> dict:
+    """timm's preprocessing of a model's pretrained weights: mean, std, interpolation, crop_pct (resolve_data_config)."""
+    vit = model.vit if isinstance(model, TimmViT) else model
+    return timm.data.resolve_data_config({}, model=vit)

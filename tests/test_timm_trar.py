@@ -8,10 +8,12 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.models.vision_transformer import ParallelScalingBlock
 
 from model.config import get_config
 from model.modeling import VisionTransformer
-from model.timm_trar import RoutedAttention, routed_layers, routing_weights, set_tau, trar_vit
+from model.timm_trar import (RoutedAttention, TimmViT, data_config, routed_layers, routing_weights, set_tau, timm_config,
+                              trar_vit)
 from model.trar import use_implementation
 from official_npz import make_official_weights
 from test_trar import reference_masks, reference_routed_attention
@@ -203,6 +205,8 @@ def test_hub_weights_from_a_local_cache_without_network(tmp_path, monkeypatch):
     (lambda: trar_vit('vit_base_patch16_224', [0], **{**TINY, 'dynamic_img_size': True}), 'dynamic_img_size'),
     (lambda: trar_vit('vit_base_patch16_224', [0], attn_layer='diff', **TINY),
      "blocks.0.attn: DiffAttention is not timm's Attention"),
+    (lambda: trar_vit('vit_base_patch16_224', [0], block_fn=ParallelScalingBlock, **TINY),
+     'blocks.0 (ParallelScalingBlock) has no separate attention to route'),
 ])
 def test_what_cannot_route_is_named_in_one_line(call, expected):
     with pytest.raises(ValueError) as error:
@@ -214,3 +218,27 @@ def test_tokens_of_another_grid_are_refused_in_one_line():
     layer = trar_vit('vit_base_patch16_224', [0, 1], **TINY).blocks[0].attn
     with pytest.raises(ValueError, match='5 tokens do not fit 1 prefix tokens and the 4x4 patch grid'):
         layer(torch.randn(1, 5, 32))
+
+
+def test_timm_model_for_the_scripts_has_the_repository_interface():
+    config = timm_config('timm:vit_tiny_patch16_224', [0, 1])
+    config.transformer.routing = 'hard'
+    torch.manual_seed(0)
+    model = TimmViT(config, img_size=(32, 48), num_classes=5)
+    assert model.grid == (2, 3) and model.is_routed and config.transformer.num_layers == 12
+    assert all(key.startswith('vit.') for key in model.state_dict())
+    x = torch.randn(2, 3, 32, 48)
+    model.eval()
+    logits = model(x)
+    assert logits.shape == (2, 5) and model.routing_weights().shape == (12, 2, 2)
+    model.set_tau(0.25)
+    assert all(layer.router.tau.item() == 0.25 for layer in routed_layers(model))
+    maps = model.attention_maps(x)
+    assert len(maps) == 12 and maps[0].shape == (2, 3, 7, 7)
+    torch.testing.assert_close(maps[-1].sum(-1), torch.ones(2, 3, 7))
+    assert data_config(model)['mean'] == (0.5, 0.5, 0.5)  # AugReg's
+    deit = TimmViT(timm_config('timm:deit_tiny_distilled_patch16_224.fb_in1k'), img_size=64, num_classes=3)
+    assert data_config(deit)['mean'] == (0.485, 0.456, 0.406)  # ImageNet's
+    assert deit.attention_maps(torch.randn(1, 3, 64, 64))[0].shape[-1] == 17  # class token + 16 patches
+    with pytest.raises(ValueError, match='expected timm:<a timm model name>'):
+        timm_config('timm:no_such_model')
