@@ -18,11 +18,11 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from model import pretrained
+from model import pretrained, timm_trar
 from model.config import parse_orders
 from utils import dist_util
 from utils.data_utils import (DATASETS, Augmented, UnreadableImage, collate_skipping_none, get_eval_transform,
-                              load_split)
+                              get_timm_eval_transform, load_split)
 from utils.engine import Precision, evaluate
 from utils.errors import command_line
 
@@ -41,7 +41,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--amp_dtype', choices=('fp16', 'bf16'), default='bf16')
     p.add_argument('--skip_corrupt', action='store_true', help='skip unreadable images with a warning')
     files = p.add_argument_group('files without a config (.npz, timm and bare state dicts)')
-    files.add_argument('--model_type', default='ViT-B_16', help='config name in model/config.py')
+    files.add_argument('--model_type', default='ViT-B_16',
+                       help='config name in model/config.py, or timm:<timm model name> (--ckpt: a file or hub id)')
     files.add_argument('--orders', default=None, help="span orders, e.g. 0,1,2 (default: a plain ViT unless the "
                                                       "file has routers)")
     p.add_argument('--img_size', type=int, default=None,
@@ -67,24 +68,33 @@ def main(argv: list[str] | None = None) -> dict:
     out = output_path(args)
     if out.is_dir():
         raise ValueError(f"--output_json {out} is a folder; expected a file name")
-    weights = pretrained.read(args.ckpt)
     orders = parse_orders(args.orders) if args.orders is not None else None
-    model = pretrained.build_model(weights, args.model_type, orders, args.img_size)
+    weights = None if timm_trar.is_timm(args.model_type) else pretrained.read(args.ckpt)
     images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt)
-    trained_on = weights.checkpoint.get('class_names')
+    if weights is None:  # a timm model's weights: a local file or hub id
+        model = timm_trar.pretrained_model(args.model_type, args.ckpt, orders or [], args.img_size,
+                                           len(images.classes))
+        layout, trained_on = 'timm', None
+    else:
+        model = pretrained.build_model(weights, args.model_type, orders, args.img_size)
+        layout, trained_on = weights.layout, weights.checkpoint.get('class_names')
     if len(images.classes) != model.num_classes or (trained_on and list(trained_on) != list(images.classes)):
         raise ValueError(f"{args.ckpt} classifies {model.num_classes} classes"
                          f"{' of another dataset' if trained_on and len(trained_on) == len(images.classes) else ''}"
                          f"; {args.dataset} has {len(images.classes)}")
     img_size = model.img_size[0]
-    dataset = Augmented(images, get_eval_transform(img_size), seed=0)
+    if isinstance(model, timm_trar.TimmViT):  # the preprocessing of its pretrained weights
+        transform = get_timm_eval_transform(timm_trar.data_config(model), model.img_size)
+    else:
+        transform = get_eval_transform(img_size)
+    dataset = Augmented(images, transform, seed=0)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=range(rank, len(dataset), world),
                         num_workers=args.num_workers, pin_memory=device.type == 'cuda',
-                        collate_fn=partial(collate_skipping_none, image_shape=(3, img_size, img_size)))
+                        collate_fn=partial(collate_skipping_none, image_shape=(3, *model.img_size)))
     precision = Precision.from_args(args.fp16, 'O1', args.amp_dtype, 0, device)
     result = evaluate(model.to(device), loader, precision)
     summary = {
-        'checkpoint': str(args.ckpt), 'layout': weights.layout, 'dataset': args.dataset, 'img_size': img_size,
+        'checkpoint': str(args.ckpt), 'layout': layout, 'dataset': args.dataset, 'img_size': img_size,
         'images': result.images, 'top1': result.accuracy, 'top5': result.top5, 'loss': result.loss,
         'orders': list(model.config.transformer.orders), 'routing': result.routing, 'world_size': world,
     }

@@ -22,12 +22,12 @@ import torch
 from matplotlib.backend_bases import FigureCanvasBase
 from PIL import Image
 
-from model import pretrained
+from model import pretrained, timm_trar
 from model.config import parse_orders
 from model.modeling import VisionTransformer
 from utils import data_utils
-from utils.data_utils import (DATASETS, UnreadableImage, class_names, get_eval_transform, imagenet_1k_names,
-                              is_image_file)
+from utils.data_utils import (DATASETS, UnreadableImage, class_names, get_eval_transform, get_timm_eval_transform,
+                              imagenet_1k_names, is_image_file)
 from utils.files import describe, ensure_writable, write_atomic
 from utils.errors import command_line, one_line
 from utils.visualize import cls_attention, save_routing_plot
@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              '(for a folder: OUT_<image name>.png per image)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     weights = parser.add_argument_group("checkpoints without a config (.npz, timm and bare state dicts)")
-    weights.add_argument('--model_type', default='ViT-B_16', help='config name in model/config.py')
+    weights.add_argument('--model_type', default='ViT-B_16',
+                         help='config name in model/config.py, or timm:<timm model name> (--ckpt: a file or hub id)')
     weights.add_argument('--img_size', type=int, default=None, help='default: from the position embeddings')
     weights.add_argument('--num_classes', type=int, default=None, help='default: from the head')
     weights.add_argument('--orders', default=None, help="span orders, e.g. 0,1,2, or 'none' (default: "
@@ -71,11 +72,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, list[str]]:
     """The model in eval mode and its class names, from any file model/pretrained.py reads."""
     path = Path(args.ckpt)
-    if not path.exists():
+    timm_model = timm_trar.is_timm(args.model_type)  # its weights: a local file or hub id
+    if not path.exists() and not timm_model:
         raise InputError(f"checkpoint {str(path)!r} not found")
     try:
-        weights = pretrained.read(path)
         orders = parse_orders(args.orders) if args.orders is not None else None
+        if timm_model:
+            model = timm_trar.pretrained_model(args.model_type, args.ckpt, orders or [], args.img_size,
+                                               args.num_classes)
+            return model, names_for(model.num_classes, args)
+        weights = pretrained.read(path)
         model = pretrained.build_model(weights, args.model_type, orders, args.img_size, args.num_classes)
     except ValueError as error:
         raise InputError(one_line(error, limit=None)) from None
@@ -205,7 +211,10 @@ def run(args: argparse.Namespace) -> int:
     plots = plot_paths(args.routing_plot, paths) if args.routing_plot else {}
     model, names = load_model(args)
     model.to(args.device)
-    transform = get_eval_transform(model.img_size[0])
+    if isinstance(model, timm_trar.TimmViT):  # the preprocessing of its pretrained weights
+        transform = get_timm_eval_transform(timm_trar.data_config(model), model.img_size)
+    else:
+        transform = get_eval_transform(model.img_size[0])
     status = 0
     for path in paths:
         try:

@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from .attention import as_grid
 from .config import get_config, with_added_fields
+from . import timm_trar
 from .modeling import VisionTransformer
 from .reading import check_file, one_line, read_checkpoint
 from .trar import check_router_keys
@@ -300,6 +301,9 @@ def _from_state_dict(path: Path, entries: dict) -> Pretrained:
     if odd is not None:
         raise ValueError(f"{path}: entry {odd!r} is named by a {type(odd).__name__}; expected weight names (strings)")
     tensors = {key.removeprefix('module.'): value for key, value in state.items() if isinstance(value, torch.Tensor)}
+    if isinstance(checkpoint.get('config'), dict) and 'timm_name' in checkpoint['config']:  # train.py, a timm model
+        check_weights(path, tensors)
+        return Pretrained(path, 'train.py', tensors, [], checkpoint)
     if 'patch_embed.proj.weight' in tensors:
         _check_supported(path, 'timm', tensors)
         if 'cls_token' not in tensors:
@@ -473,6 +477,8 @@ def build_model(weights: Pretrained, model_type: str = 'ViT-B_16', orders: list[
         missing = [key for key in ('config', 'img_size', 'num_classes') if key not in weights.checkpoint]
         if missing:
             raise ValueError(f"{weights.path} is not a complete train.py checkpoint: it lacks {', '.join(missing)}")
+        if 'timm_name' in weights.checkpoint['config']:
+            return timm_trar.from_checkpoint({**weights.checkpoint, 'state_dict': weights.tensors}, img_size)
         config = ml_collections.ConfigDict(with_added_fields(weights.checkpoint['config']))
         img_size = img_size or weights.checkpoint['img_size']
     else:

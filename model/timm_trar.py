@@ -221,17 +221,25 @@ class TimmViT(nn.Module):
     `routing_weights()`, `set_tau()`, `attention_maps()`. Its state dict is timm's under `vit.`.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, img_size: int | Sequence[int], num_classes: int,
-                 weights: str | Path | None = None):
+    def __init__(self, config: ml_collections.ConfigDict, img_size: int | Sequence[int] | None = None,
+                 num_classes: int | None = None, weights: str | Path | None = None, keep_head: bool = False):
         super().__init__()
         t = config.transformer
-        size = as_grid(img_size)
-        self.vit = trar_vit(config.timm_name, list(t.orders), t.pooling, t.routing, binarize=t.binarize,
-                            router_dropout=t.dropout_rate, weights=weights, num_classes=num_classes, img_size=size)
+        given = {key: value for key, value in (('img_size', img_size and as_grid(img_size)),
+                                               ('num_classes', num_classes)) if value is not None}
+        if keep_head and num_classes is not None:  # the file's head has these classes: load it, never drop it
+            given['pretrained_cfg_overlay'] = dict(num_classes=num_classes)
+        try:
+            self.vit = trar_vit(config.timm_name, list(t.orders), t.pooling, t.routing, binarize=t.binarize,
+                                router_dropout=t.dropout_rate, weights=weights, **given)
+        except RuntimeError as error:  # timm's strict load: missing keys, other shapes
+            raise ValueError(f"{weights}: timm cannot load it into {config.timm_name}: "
+                             f"{' '.join(str(error).split())[:300]}") from None
         for layer in routed_layers(self.vit):
             layer.router.eval_noise = t.eval_noise
         t.num_layers = len(self.vit.blocks)
-        self.config, self.img_size, self.num_classes = config, size, num_classes
+        self.config, self.num_classes = config, self.vit.num_classes
+        self.img_size = tuple(self.vit.patch_embed.img_size)
         self.grid = tuple(self.vit.patch_embed.grid_size)
         self.zero_head = False
 
@@ -254,24 +262,51 @@ class TimmViT(nn.Module):
         token 0 is the first prefix token (the class token) and the other prefix tokens are left out; without a
         prefix token, token 0 is the mean over the patch queries."""
         layers = routed_layers(self.vit)
-        if not layers:  # a plain model: route it over the global order alone, which is the same attention
-            raise ValueError("attention maps of a timm model need orders (the global order 0 gives timm's own)")
+        inputs, hooks = [], [block.attn.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+                             for block in self.vit.blocks]
         for layer in layers:
             layer.keep_map = True
         try:
             self.vit(x)
-            maps = [layer.last_map for layer in layers]
+            maps = [layer.last_map for layer in layers] or [_plain_map(block.attn, tokens)
+                                                              for block, tokens in zip(self.vit.blocks, inputs)]
         finally:
+            for hook in hooks:
+                hook.remove()
             for layer in layers:
                 layer.keep_map, layer.last_map = False, None
-        prefix = layers[0].spans.num_prefix_tokens
+        prefix = self.vit.num_prefix_tokens
         if prefix == 0:
             return [F.pad(torch.cat([m.mean(dim=2, keepdim=True), m], dim=2), (1, 0)) for m in maps]
         keep = [0, *range(prefix, maps[0].shape[-1])]
         return [m[:, :, keep][:, :, :, keep] for m in maps]
 
 
+def _plain_map(attention: Attention, x: torch.Tensor) -> torch.Tensor:
+    """The (B, H, N, N) attention map of timm's `Attention` on its input tokens x."""
+    B, N, _ = x.shape
+    q, k, _ = attention.qkv(x).reshape(B, N, 3, attention.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attention.q_norm(q), attention.k_norm(k)
+    return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
+
 def data_config(model: nn.Module) -> dict:
-    """timm's preprocessing of a model's pretrained weights: mean, std, interpolation, crop_pct (resolve_data_config)."""
+    """timm's preprocessing of a model's pretrained weights (`resolve_data_config`): mean, std, interpolation,
+    crop_pct."""
     vit = model.vit if isinstance(model, TimmViT) else model
     return timm.data.resolve_data_config({}, model=vit)
+
+
+def from_checkpoint(checkpoint: dict, img_size: int | None = None) -> TimmViT:
+    """The model a train.py checkpoint of a timm model holds (its config names the timm model), in eval mode."""
+    config = ml_collections.ConfigDict(checkpoint['config'])
+    model = TimmViT(config, img_size or checkpoint['img_size'], checkpoint['num_classes'])
+    model.load_state_dict(checkpoint['state_dict'])
+    return model.eval()
+
+
+def pretrained_model(model_type: str, weights: str | Path, orders: Sequence[int] = (), img_size: int | None = None,
+                     num_classes: int | None = None) -> TimmViT:
+    """A `timm:<name>` model with its weights and head from a local file or hub id, in eval mode (eval.py, test.py)."""
+    return TimmViT(timm_config(model_type, orders), img_size, num_classes, weights, keep_head=True).eval()
+

@@ -12,8 +12,8 @@ from timm.models.vision_transformer import ParallelScalingBlock
 
 from model.config import get_config
 from model.modeling import VisionTransformer
-from model.timm_trar import (RoutedAttention, TimmViT, data_config, routed_layers, routing_weights, set_tau, timm_config,
-                              trar_vit)
+from model.timm_trar import (RoutedAttention, TimmViT, data_config, routed_layers, routing_weights, set_tau,
+                              timm_config, trar_vit)
 from model.trar import use_implementation
 from official_npz import make_official_weights
 from test_trar import reference_masks, reference_routed_attention
@@ -73,6 +73,12 @@ def reference_forward(layer: RoutedAttention, x: torch.Tensor) -> torch.Tensor:
     return layer.proj(layer.norm(out.transpose(1, 2).reshape(B, N, -1)))
 
 
+def use_reference(layers) -> None:
+    """Make each routed layer compute by `reference_forward`."""
+    for layer in layers:
+        layer.forward = lambda tokens, attn_mask=None, is_causal=False, layer=layer: reference_forward(layer, tokens)
+
+
 @pytest.mark.parametrize('family', FAMILIES)
 def test_family_loads_and_routes(tmp_path, family):
     source = saved_family(family, tmp_path / 'vit.safetensors')
@@ -90,8 +96,7 @@ def test_family_loads_and_routes(tmp_path, family):
         assert len(layers) == 2 and layers[0].spans.num_prefix_tokens == PREFIX[family]
         assert layers[0].spans is layers[1].spans
         got = routed(x.double())
-        for layer in layers:
-            layer.forward = lambda tokens, attn_mask=None, is_causal=False, layer=layer: reference_forward(layer, tokens)
+        use_reference(layers)
         want = routed(x.double())
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     assert (got - expected.double()).abs().max() > 1e-3  # local orders change the logits
@@ -151,8 +156,7 @@ def test_binarized_routing_with_one_prefix_token_matches_the_formula():
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         got = model(x)
-        for layer in routed_layers(model):
-            layer.forward = lambda tokens, attn_mask=None, is_causal=False, layer=layer: reference_forward(layer, tokens)
+        use_reference(routed_layers(model))
         want = model(x)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 

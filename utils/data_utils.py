@@ -115,6 +115,14 @@ def get_eval_transform(img_size: int) -> Callable:
     ])
 
 
+def get_timm_eval_transform(data_config: dict, img_size: tuple[int, int]) -> Callable:
+    """timm's evaluation transform for a timm model's pretrained config (mean/std, interpolation, crop_pct; from
+    `timm.data.resolve_data_config`), after the conversion to RGB that every transform here starts with."""
+    from timm.data import create_transform
+    return transforms.Compose([transforms.Lambda(to_rgb),
+                               create_transform(**{**data_config, 'input_size': (3, *img_size)}, is_training=False)])
+
+
 def get_train_transform(img_size: int, augment: str) -> Callable:
     """The training transform.
 
