@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from model.config import CONFIGS, get_config, parse_orders, validate_config, with_added_fields
 from model import pretrained as pretrained_weights
+from model import timm_trar
 from model.modeling import VisionTransformer
 from utils import checkpoint as checkpoints
 from utils import dist_util
@@ -68,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--name', required=True, help='name of this run: outputs go to <output_dir>/<name>/')
     p.add_argument('--dataset', choices=DATASETS, default='cifar10')
     p.add_argument('--data_dir', default='./data', help='dataset root (imagenet: train/ and val/ below it)')
-    p.add_argument('--model_type', choices=sorted(CONFIGS), default='ViT-B_16')
+    p.add_argument('--model_type', default='ViT-B_16',
+                   help=f"one of {', '.join(sorted(CONFIGS))}, or timm:<timm model name> (--pretrained_dir: a local "
+                        "file or hub id that timm loads)")
     p.add_argument('--pretrained_dir', default='checkpoint/ViT-B_16.npz',
                    help="weights to start from: Google .npz, timm .safetensors/.pth/.bin, a ViT-pytorch state dict "
                         "or a train.py checkpoint (new fine-tune, fresh head); 'none' trains from scratch")
@@ -167,7 +170,8 @@ def parse_field(key: str, text: str, current):
 
 def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     """The named config with --orders and every --set KEY=VALUE applied, checked."""
-    config = get_config(args.model_type)
+    timm_model = timm_trar.is_timm(args.model_type)
+    config = timm_trar.timm_config(args.model_type) if timm_model else get_config(args.model_type)
     if args.orders is not None:
         config.transformer.orders = parse_orders(args.orders)
     for assignment in args.set:
@@ -186,12 +190,12 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
         node[field] = parse_field(key, text, node[field])
     if args.attention is not None:
         config.transformer.attention = args.attention  # validate_config names a bad one
-    return validate_config(config)
+    return config if timm_model else validate_config(config)
 
 
 def read_pretrained(args: argparse.Namespace) -> pretrained_weights.Pretrained | None:
     """The weights to start from (any layout model/pretrained.py reads); None for --pretrained_dir 'none' or empty."""
-    if args.pretrained_dir in (None, '', 'none'):
+    if args.pretrained_dir in (None, '', 'none') or timm_trar.is_timm(args.model_type):  # timm loads its own
         return None
     path = Path(args.pretrained_dir)
     if not path.exists():
@@ -331,7 +335,11 @@ def checkpoint_state(model: VisionTransformer, optimization: Optimization, state
 def build_model(args: argparse.Namespace, config: ml_collections.ConfigDict, num_classes: int,
                 resume: dict | None, pretrained, main_process: bool) -> VisionTransformer:
     """The model, with the weights of the run it continues or of the pretrained checkpoint (new head)."""
-    model = VisionTransformer(config, img_size=args.img_size, num_classes=num_classes, zero_head=True)
+    if timm_trar.is_timm(args.model_type):  # timm loads --pretrained_dir (a file or hub id) unless it resumes
+        start = None if resume is not None or args.pretrained_dir in (None, '', 'none') else args.pretrained_dir
+        model = timm_trar.TimmViT(config, args.img_size, num_classes, weights=start, zero_head=True)
+    else:
+        model = VisionTransformer(config, img_size=args.img_size, num_classes=num_classes, zero_head=True)
     if resume is not None:
         model.load_state_dict(resume['state_dict'])
     elif pretrained is not None:

@@ -219,10 +219,14 @@ class TimmViT(nn.Module):
     """A timm ViT, routed by `trar_vit` when its config has orders, with the interface of this repository's
     `VisionTransformer` that the scripts use: `config`, `img_size`, `grid`, `num_classes`, `is_routed`,
     `routing_weights()`, `set_tau()`, `attention_maps()`. Its state dict is timm's under `vit.`.
+
+    `weights` (a local file or hub id) are loaded by timm; `keep_head` loads the file's head of `num_classes`
+    classes (prediction), otherwise timm keeps it only when its classes are the model's; `zero_head` zeroes it.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, img_size: int | Sequence[int] | None = None,
-                 num_classes: int | None = None, weights: str | Path | None = None, keep_head: bool = False):
+                 num_classes: int | None = None, weights: str | Path | None = None, keep_head: bool = False,
+                 zero_head: bool = False):
         super().__init__()
         t = config.transformer
         given = {key: value for key, value in (('img_size', img_size and as_grid(img_size)),
@@ -241,7 +245,11 @@ class TimmViT(nn.Module):
         self.config, self.num_classes = config, self.vit.num_classes
         self.img_size = tuple(self.vit.patch_embed.img_size)
         self.grid = tuple(self.vit.patch_embed.grid_size)
-        self.zero_head = False
+        self.zero_head = zero_head
+        if zero_head:  # a fine-tune's fresh head starts at zero, as this repository's VisionTransformer's does
+            for name, parameter in self.vit.named_parameters():
+                if name.startswith('head'):
+                    nn.init.zeros_(parameter)
 
     @property
     def is_routed(self) -> bool:

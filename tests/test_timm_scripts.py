@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
+from timm.models import register_model
+from timm.models.deit import _create_deit
 
 import eval as evaluate_cli
 from train_helpers import ROOT
@@ -18,12 +20,20 @@ _spec = importlib.util.spec_from_file_location('predict_cli', ROOT / 'test.py')
 predict_cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(predict_cli)
 
-NAME = 'deit_tiny_patch16_224'  # ImageNet mean/std, bicubic, crop_pct 0.875: not this repository's defaults
+NAME = 'trar_test_deit'
+
+
+@register_model
+def trar_test_deit(pretrained: bool = False, **kwargs):
+    """A two-block DeiT of width 32 with DeiT-tiny's pretrained config: ImageNet mean/std, bicubic, crop_pct 0.875
+    (not this repository's defaults)."""
+    return _create_deit('deit_tiny_patch16_224', pretrained,
+                        **{**dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0), **kwargs})
 
 
 @pytest.fixture(scope='module')
 def timm_file(tmp_path_factory):
-    """A timm DeiT-tiny with random weights and a 10-class head, saved as .safetensors, and the model itself."""
+    """The two-block DeiT with random weights and a 10-class head, saved as .safetensors, and the model itself."""
     torch.manual_seed(0)
     model = timm.create_model(NAME, num_classes=10, img_size=32).eval()
     with torch.no_grad():
@@ -56,7 +66,7 @@ def test_eval_py_gives_timms_accuracy_and_routing(timm_file, tmp_path):
     assert plain['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
     routed = evaluate_cli.main([*args, '--orders', '0,1', '--output_json', str(tmp_path / 'routed.json')])
     routing = np.array(routed['routing'])
-    assert routed['orders'] == [0, 1] and routing.shape == (12, 2)
+    assert routed['orders'] == [0, 1] and routing.shape == (2, 2)
     np.testing.assert_allclose(routing.sum(-1), 1, atol=1e-6)
 
 
@@ -75,4 +85,49 @@ def test_test_py_predicts_with_timms_preprocessing_and_draws_the_routing(timm_fi
     plot = tmp_path / 'routing.png'
     assert predict_cli.main([*common, '--orders', '0,1', '--routing_plot', str(plot)]) == 0
     routed = json.loads(capsys.readouterr().out)
-    assert routed['orders'] == [0, 1] and len(routed['routing']) == 12 and plot.stat().st_size > 0
+    assert routed['orders'] == [0, 1] and len(routed['routing']) == 2 and plot.stat().st_size > 0
+
+
+def test_a_tiny_timm_vit_trains_resumes_bit_exactly_evaluates_and_predicts(timm_file, tmp_path, monkeypatch,
+                                                                          capsys):
+    """train.py fine-tunes a timm DeiT-tiny file routed over [0, 1]; stopped after its first checkpoint and resumed,
+    it ends with the uninterrupted run's weights; eval.py and test.py read its checkpoint."""
+    import train
+    from train_helpers import tiny_args
+    from utils import checkpoint as checkpoints
+    path, _ = timm_file
+    timm_args = ['--model_type', f'timm:{NAME}', '--pretrained_dir', str(path), '--orders', '0,1',
+                 '--set', 'transformer.routing=hard']
+    whole = train.main(tiny_args(tmp_path, 'whole', *timm_args, steps=6))
+    assert whole['steps'] == 6
+    save, saves = checkpoints.save_atomic, []
+
+    def stop_after_the_first_checkpoint(state, target):
+        save(state, target)
+        saves.append(target.name)
+        if saves.count('last.ckpt') == 1 and target.name == 'last.ckpt':
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, 'save_atomic', stop_after_the_first_checkpoint)
+    with pytest.raises(BaseException):
+        train.main(tiny_args(tmp_path, 'stopped', *timm_args, steps=6))
+    monkeypatch.setattr(checkpoints, 'save_atomic', save)
+    last = tmp_path / 'stopped' / 'last.ckpt'
+    assert torch.load(last, weights_only=True)['step'] == 3
+    train.main(tiny_args(tmp_path, 'stopped', *timm_args, '--resume_path', str(last), steps=6))
+    final = torch.load(last, weights_only=True)
+    expected = torch.load(tmp_path / 'whole' / 'last.ckpt', weights_only=True)['state_dict']
+    assert final['step'] == 6 and final['config']['timm_name'] == NAME
+    assert any('.attn.router.' in key for key in expected)
+    for key, value in expected.items():
+        assert torch.equal(final['state_dict'][key], value), key
+    capsys.readouterr()
+    summary = evaluate_cli.main(['--ckpt', str(last), '--dataset', 'digits', '--num_workers', '0', '--device', 'cpu',
+                                 '--output_json', str(tmp_path / 'eval.json')])
+    assert summary['images'] == 360 and summary['orders'] == [0, 1] and len(summary['routing']) == 2
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    picture.save(tmp_path / 'noise.png')
+    capsys.readouterr()
+    assert predict_cli.main(['--ckpt', str(last), '--image', str(tmp_path / 'noise.png'), '--json',
+                             '--routing_plot', str(tmp_path / 'routing.png')]) == 0
+    assert json.loads(capsys.readouterr().out)['orders'] == [0, 1] and (tmp_path / 'routing.png').exists()
