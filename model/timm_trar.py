@@ -18,59 +18,28 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .attention import Spans, as_grid, implementation_for, routed_attention, routed_attention_maps
 from .config import get_config
-from .trar import (Router, SpanLayout, as_grid, check_orders, check_routing, routed_attention, routed_attention_maps,
-                   span_layout, span_masks)
-
-
-class Spans(nn.Module):
-    """The span masks of one model (patch grid, orders, prefix tokens) and their layout, shared by its layers.
-
-    `attend` is the one place a timm model calls routed attention.
-    """
-
-    def __init__(self, grid: tuple[int, int], orders: Sequence[int], num_prefix_tokens: int):
-        super().__init__()
-        self.grid, self.orders, self.num_prefix_tokens = tuple(grid), check_orders(orders, grid), num_prefix_tokens
-        masks = span_masks(grid, self.orders, num_prefix_tokens)
-        self.register_buffer('masks', masks, persistent=False)
-        layout = span_layout(masks)
-        for name in ('index', 'valid', 'full_rows', 'mixing'):
-            self.register_buffer(name, getattr(layout, name), persistent=False)
-        self._orders_of_layout = (layout.global_orders, layout.local_orders, layout.widths)
-
-    def layout(self) -> SpanLayout:
-        return SpanLayout(self.index, self.valid, self.full_rows, self.mixing, *self._orders_of_layout)
-
-    def check_tokens(self, n: int) -> None:
-        h, w = self.grid
-        if n != self.num_prefix_tokens + h * w:
-            raise ValueError(f"{n} tokens do not fit {self.num_prefix_tokens} prefix tokens and the {h}x{w} patch "
-                             "grid the routed model was built for; build it for this image size")
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alphas: torch.Tensor, dropout_p: float,
-               binarized: bool) -> torch.Tensor:
-        """Routed attention of (B, H, N, d) q, k, v with (B, L) routing weights, by this repository's dispatch."""
-        return routed_attention(q, k, v, self.masks, alphas, dropout_p, layout=self.layout(), grid=self.grid,
-                                orders=self.orders, binarized=binarized and self.num_prefix_tokens == 1)
-
-    def extra_repr(self) -> str:
-        return f'grid={self.grid}, orders={self.orders}, num_prefix_tokens={self.num_prefix_tokens}'
+from .trar import Router, check_routing
 
 
 class RoutedAttention(Attention):
     """timm's `Attention` whose attention is TRAR's routed mix over span orders.
 
     Parameters and names are `Attention`'s (`qkv`, `q_norm`, `k_norm`, `norm`, `proj`, optional `gate`) plus
-    `router`; the span masks come from the model's shared `Spans`. `last_alphas` holds the routing weights
-    of the last forward pass; with `keep_map` set, `last_map` holds the mixed (B, H, N, N) attention map.
+    `router`; `spans` is the model's one `Spans` (grid, orders, prefix tokens), shared by its layers, and
+    `implementation` the routed attention it asks for ('auto': by device; `model.attention.implementation_for`).
+    `last_alphas` holds the routing weights of the last forward pass; with `keep_map` set, `last_map` holds the
+    mixed (B, H, N, N) attention map.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, spans: Spans, pooling: str = 'avg', routing: str = 'soft',
-                 binarize: bool = False, router_dropout: float = 0.1, **attention_kwargs):
+                 binarize: bool = False, router_dropout: float = 0.1, implementation: str = 'auto',
+                 **attention_kwargs):
         super().__init__(dim, num_heads, **attention_kwargs)
         check_routing(pooling, routing)
-        self.spans = spans
+        implementation_for('cpu', implementation)  # a bad name fails here, in one line
+        self.spans, self.implementation = spans, implementation
         self.router = Router(dim, len(spans.orders), pooling, routing, binarize, dropout_rate=router_dropout)
         self.last_alphas: torch.Tensor | None = None
         self.keep_map = False
@@ -100,16 +69,16 @@ class RoutedAttention(Attention):
         if attn_mask is not None or is_causal:
             raise ValueError("TRAR routed attention takes no attn_mask or is_causal: its span masks are its own")
         B, N, _ = x.shape
-        self.spans.check_tokens(N)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         alphas = self.router(x)
         self.last_alphas = alphas.detach()
         if self.keep_map:
-            self.last_map = routed_attention_maps(q, k, self.spans.masks, alphas).detach()
+            self.last_map = routed_attention_maps(q, k, self.spans.tensors_on(q.device)[0], alphas).detach()
         dropout_p = self.attn_drop.p if self.training else 0.0
-        x = self.spans.attend(q, k, v, alphas, dropout_p, self.router.binarize)
+        x = routed_attention(q, k, v, alphas, self.spans, dropout_p, implementation=self.implementation,
+                             binarized=self.router.binarize)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
@@ -117,13 +86,14 @@ class RoutedAttention(Attention):
 
 
 def trar_vit(model: str | VisionTransformer, orders: Sequence[int] = (0, 1, 2), pooling: str = 'avg',
-             routing: str = 'soft', *, binarize: bool = False, router_dropout: float = 0.1,
+             routing: str = 'soft', *, binarize: bool = False, router_dropout: float = 0.1, implementation: str = 'auto',
              weights: str | Path | None = None, **create_kwargs) -> VisionTransformer:
     """A timm ViT (a name for `timm.create_model`, or an instance) with TRAR routed attention in every block.
 
     `weights`: a local file (`.safetensors`, `.pth`, `.bin`, or a Google `.npz`) or a hub id (`timm/...`,
     `hf-hub:timm/...`) that timm loads into the named model before routing; `create_kwargs` go to
     `timm.create_model` (`pretrained=True` takes the name's own hub weights, `num_classes`, `img_size`...).
+    `implementation`: the routed attention the layers ask for ('auto' or a name of `model.attention.IMPLEMENTATIONS`).
     With `orders` empty the model is timm's, unchanged. Routers are initialised fresh.
     """
     if isinstance(model, str):
@@ -148,7 +118,8 @@ def trar_vit(model: str | VisionTransformer, orders: Sequence[int] = (0, 1, 2), 
             raise ValueError(f"blocks.{index} ({type(block).__name__}) has no separate attention to route")
         try:
             block.attn = RoutedAttention.from_attention(attention, spans, pooling=pooling, routing=routing,
-                                                        binarize=binarize, router_dropout=router_dropout)
+                                                        binarize=binarize, router_dropout=router_dropout,
+                                                        implementation=implementation)
         except ValueError as error:
             raise ValueError(f"blocks.{index}.attn: {error}") from None
     return model
@@ -194,7 +165,7 @@ def set_tau(model: nn.Module, tau: float) -> None:
 
 PREFIX = 'timm:'
 # The fields of model/config.py's `transformer` that a timm model takes (its architecture is timm's).
-ROUTING_FIELDS = ('pooling', 'routing', 'binarize', 'eval_noise', 'tau_max', 'tau_min', 'dropout_rate')
+ROUTING_FIELDS = ('pooling', 'routing', 'binarize', 'eval_noise', 'tau_max', 'tau_min', 'dropout_rate', 'attention')
 
 
 def is_timm(model_type: str) -> bool:
@@ -235,7 +206,8 @@ class TimmViT(nn.Module):
             given['pretrained_cfg_overlay'] = dict(num_classes=num_classes)
         try:
             self.vit = trar_vit(config.timm_name, list(t.orders), t.pooling, t.routing, binarize=t.binarize,
-                                router_dropout=t.dropout_rate, weights=weights, **given)
+                                router_dropout=t.dropout_rate, implementation=t.get('attention', 'auto'),
+                                weights=weights, **given)
         except RuntimeError as error:  # timm's strict load: missing keys, other shapes
             raise ValueError(f"{weights}: timm cannot load it into {config.timm_name}: "
                              f"{' '.join(str(error).split())[:300]}") from None
@@ -260,6 +232,13 @@ class TimmViT(nn.Module):
 
     def routing_weights(self) -> torch.Tensor | None:
         return routing_weights(self.vit)
+
+    def attention_implementation(self, device: torch.device | str | None = None) -> str | None:
+        """The routed attention implementation this model runs on `device` (default: where its weights are)."""
+        if not self.is_routed:
+            return None
+        device = next(self.parameters()).device if device is None else device
+        return implementation_for(device, self.config.transformer.get('attention', 'auto'))
 
     def set_tau(self, tau: float) -> None:
         set_tau(self.vit, tau)

@@ -14,9 +14,9 @@ from model.config import get_config
 from model.modeling import VisionTransformer
 from model.timm_trar import (RoutedAttention, TimmViT, data_config, routed_layers, routing_weights, set_tau,
                               timm_config, trar_vit)
-from model.trar import use_implementation
+from model.attention import use_implementation
 from official_npz import make_official_weights
-from test_trar import reference_masks, reference_routed_attention
+from conftest import reference_masks, reference_routed_attention
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5)
 # Each family: the timm architecture and what makes it that family (prefix tokens, pooling, norms, patch).
@@ -137,16 +137,18 @@ def test_routing_weights_tau_and_training_backward():
     assert all(layer.router.mlp[0].weight.grad.abs().sum() > 0 for layer in routed_layers(model))
 
 
-@pytest.mark.parametrize('implementation', ['dense', 'shared_scores'])
+@pytest.mark.parametrize('implementation', ['shared_scores', 'flex'])
 def test_each_implementation_gives_the_same_model(implementation):
+    """The module's own choice and the process override both reach routed_attention; `dense` is the yardstick."""
+    kwargs = {**TINY, 'reg_tokens': 1}
     torch.manual_seed(0)
-    model = trar_vit('vit_base_patch16_224', [0, 2], **{**TINY, 'reg_tokens': 1}).eval()
+    model = trar_vit('vit_base_patch16_224', [0, 2], implementation=implementation, **kwargs).eval()
+    assert all(layer.implementation == implementation for layer in routed_layers(model))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
+        got = model(x)
         with use_implementation('dense'):
             expected = model(x)
-        with use_implementation(implementation):
-            got = model(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -206,6 +208,7 @@ def test_hub_weights_from_a_local_cache_without_network(tmp_path, monkeypatch):
     (lambda: trar_vit(torch.nn.Linear(2, 2)), 'Linear is not a timm VisionTransformer'),
     (lambda: trar_vit('vit_base_patch16_224', [0, 9], **TINY), 'order 9 is not in [0, 4)'),
     (lambda: trar_vit('vit_base_patch16_224', [0], pooling='max', **TINY), "unknown pooling 'max'"),
+    (lambda: trar_vit('vit_base_patch16_224', [0], implementation='fast', **TINY), "'fast'"),
     (lambda: trar_vit('vit_base_patch16_224', [0], **{**TINY, 'dynamic_img_size': True}), 'dynamic_img_size'),
     (lambda: trar_vit('vit_base_patch16_224', [0], attn_layer='diff', **TINY),
      "blocks.0.attn: DiffAttention is not timm's Attention"),
@@ -220,7 +223,7 @@ def test_what_cannot_route_is_named_in_one_line(call, expected):
 
 def test_tokens_of_another_grid_are_refused_in_one_line():
     layer = trar_vit('vit_base_patch16_224', [0, 1], **TINY).blocks[0].attn
-    with pytest.raises(ValueError, match='5 tokens do not fit 1 prefix tokens and the 4x4 patch grid'):
+    with pytest.raises(ValueError, match=r'do not fit 1 prefix tokens, a 4x4 grid .* expected \(B, H, 17, d\)'):
         layer(torch.randn(1, 5, 32))
 
 
