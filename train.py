@@ -45,7 +45,8 @@ from utils import checkpoint as checkpoints
 from utils import dist_util
 from utils.checkpoint import CheckpointSaver
 from utils.data_utils import (AUGMENTS, DATASETS, Augmented, ShardedSampler, UnreadableImage, check_same_classes,
-                              collate_skipping_none, get_eval_transform, get_train_transform, load_split)
+                              collate_skipping_none, get_eval_transform, get_timm_eval_transform, get_train_transform,
+                              load_split)
 from utils.engine import (OPT_LEVELS, Evaluation, Optimization, Precision, RunState, TrainingData, TrainStats,
                           evaluate, peak_memory_mib, train_until)
 from utils.errors import RunError, command_line, stop_at_first_interrupt
@@ -379,8 +380,13 @@ def build_datasets(args: argparse.Namespace) -> tuple[Augmented, Augmented]:
     train_images = load_split(args.dataset, args.data_dir, True, args.skip_corrupt)
     val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt)
     check_same_classes(train_images, val_images)
-    return (Augmented(train_images, get_train_transform(args.img_size, args.augment), args.seed),
-            Augmented(val_images, get_eval_transform(args.img_size), args.seed))
+    if timm_trar.is_timm(args.model_type):  # the preprocessing of the timm model's pretrained weights
+        data_config = timm_trar.data_config(args.model_type)
+        val_transform = get_timm_eval_transform(data_config, (args.img_size, args.img_size))
+    else:
+        data_config, val_transform = None, get_eval_transform(args.img_size)
+    return (Augmented(train_images, get_train_transform(args.img_size, args.augment, data_config), args.seed),
+            Augmented(val_images, val_transform, args.seed))
 
 
 def build_loaders(args: argparse.Namespace, train_set: Augmented, val_set: Augmented, micro_batch: int,

@@ -86,8 +86,9 @@ class RoutedAttention(Attention):
 
 
 def trar_vit(model: str | VisionTransformer, orders: Sequence[int] = (0, 1, 2), pooling: str = 'avg',
-             routing: str = 'soft', *, binarize: bool = False, router_dropout: float = 0.1, implementation: str = 'auto',
-             weights: str | Path | None = None, **create_kwargs) -> VisionTransformer:
+             routing: str = 'soft', *, binarize: bool = False, router_dropout: float = 0.1,
+             implementation: str = 'auto', weights: str | Path | None = None,
+             **create_kwargs) -> VisionTransformer:
     """A timm ViT (a name for `timm.create_model`, or an instance) with TRAR routed attention in every block.
 
     `weights`: a local file (`.safetensors`, `.pth`, `.bin`, or a Google `.npz`) or a hub id (`timm/...`,
@@ -277,9 +278,12 @@ def _plain_map(attention: Attention, x: torch.Tensor) -> torch.Tensor:
     return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
 
 
-def data_config(model: nn.Module) -> dict:
+def data_config(model: nn.Module | str) -> dict:
     """timm's preprocessing of a model's pretrained weights (`resolve_data_config`): mean, std, interpolation,
-    crop_pct."""
+    crop_pct. `model`: a built model, or a `timm:<name>` (built empty, on the meta device, to read its config)."""
+    if isinstance(model, str):
+        with torch.device('meta'):
+            model = timm.create_model(model.removeprefix(PREFIX))
     vit = model.vit if isinstance(model, TimmViT) else model
     return timm.data.resolve_data_config({}, model=vit)
 

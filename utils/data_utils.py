@@ -123,23 +123,27 @@ def get_timm_eval_transform(data_config: dict, img_size: tuple[int, int]) -> Cal
                                create_transform(**{**data_config, 'input_size': (3, *img_size)}, is_training=False)])
 
 
-def get_train_transform(img_size: int, augment: str) -> Callable:
+def get_train_transform(img_size: int, augment: str, data_config: dict | None = None) -> Callable:
     """The training transform.
 
     `flip`: ViT fine-tuning's random resized crop (scale 0.05-1) and horizontal flip, as the original code;
     `crop`: a milder random resized crop (scale 0.5-1) without the flip, for images whose mirror image is
-    another class (digits, text); `none`: the evaluation transform.
+    another class (digits, text); `none`: the evaluation transform. `data_config` (a timm model's: mean, std,
+    interpolation) replaces the [-1, 1] normalisation and bilinear resampling.
     """
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment {augment!r}; expected one of {AUGMENTS}")
     if augment == 'none':
-        return get_eval_transform(img_size)
+        return (get_timm_eval_transform(data_config, (img_size, img_size)) if data_config
+                else get_eval_transform(img_size))
+    config = data_config or {'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5), 'interpolation': 'bilinear'}
     return transforms.Compose([
         transforms.Lambda(to_rgb),
-        transforms.RandomResizedCrop((img_size, img_size), scale=CROP_SCALE[augment]),
+        transforms.RandomResizedCrop((img_size, img_size), scale=CROP_SCALE[augment],
+                                     interpolation=transforms.InterpolationMode(config['interpolation'])),
         *([transforms.RandomHorizontalFlip()] if augment == 'flip' else []),
         transforms.ToTensor(),
-        transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        transforms.Normalize(mean=config['mean'], std=config['std']),
     ])
 
 
