@@ -9,7 +9,8 @@ Every variant runs in this one process, interleaved round by round (ABCABC...), 
 medians over the rounds, so machine noise hits all variants alike. Peak memory: on CUDA
 `max_memory_allocated` over a step; on a CPU, which keeps no allocator statistics, each variant runs
 a step in a fresh child process and reports its peak resident memory above the memory it had before
-building the model. `timm` (benchmarks/requirements.txt) adds timm's ViT-B/16 when installed.
+building the model. `timm` (benchmarks/requirements.txt) adds timm's ViT-B/16 when installed, plain and routed
+(`timm trar`: model/timm_trar.py's routed attention layer in timm's model, beside `trar`, this repository's).
 """
 import argparse
 import math
@@ -81,8 +82,10 @@ def build(variant: str, args) -> torch.nn.Module:
     torch.manual_seed(0)
     if variant.startswith('timm'):
         import timm
+        from model.timm_trar import trar_vit
         name = f'vit_base_patch16_{args.img_size}' if args.img_size in (224, 384) else 'vit_base_patch16_224'
-        return timm.create_model(name, img_size=args.img_size, num_classes=1000)
+        model = timm.create_model(name, img_size=args.img_size, num_classes=1000)
+        return trar_vit(model, parse_orders(args.orders)) if variant == 'timm trar' else model  # model/timm_trar.py
     config = model_config(args)
     config.transformer.orders = [] if variant == 'plain' else parse_orders(args.orders)
     cls = StackedViT if variant == 'stacked' else VisionTransformer
@@ -95,7 +98,7 @@ def variants(args) -> list[str]:
         return names  # timm's row is ViT-B/16's
     try:
         import timm  # noqa: F401
-        names.append('timm')
+        names += ['timm', 'timm trar']
     except ImportError:
         print('timm is not installed: skipping its ViT-B/16 (pip install -r benchmarks/requirements.txt)')
     return names

@@ -51,17 +51,15 @@ class RoutedAttention(Attention):
         if type(attention) is not Attention:
             raise ValueError(f"{type(attention).__name__} is not timm's Attention; TRAR routes timm's plain "
                              "multi-head attention only")
-        weight = attention.qkv.weight
-        with torch.device('meta'):
-            routed = cls(attention.qkv.in_features, attention.num_heads, attn_head_dim=attention.head_dim,
+        dim, weight = attention.qkv.in_features, attention.qkv.weight
+        with torch.device('meta'):  # timm's modules are taken below: nothing to allocate or initialise
+            routed = cls(dim, attention.num_heads, attn_head_dim=attention.head_dim,
                          dim_out=attention.proj.out_features, spans=spans, **routing)
-        for name, module in attention.named_children():
+        for name, module in attention.named_children():  # qkv, q_norm, k_norm, attn_drop, norm, proj, gate ...
             setattr(routed, name, module)
-        routed.gate = attention.gate
         routed.fused_attn = attention.fused_attn
-        routed.spans = spans
-        routed.router = Router(attention.qkv.in_features, len(spans.orders), routed.router.pooling,
-                               routed.router.routing, routed.router.binarize,
+        router = routed.router  # built on the meta device: built again, initialised, where the weights are
+        routed.router = Router(dim, len(spans.orders), router.pooling, router.routing, router.binarize,
                                dropout_rate=routing.get('router_dropout', 0.1)).to(weight.device, weight.dtype)
         return routed.train(attention.training)
 
