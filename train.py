@@ -122,6 +122,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, every value checked (one line naming a bad one)."""
     p = build_parser()
     args = p.parse_args(argv)
+    if args.model_type not in CONFIGS and not timm_trar.is_timm(args.model_type):
+        p.error(f"--model_type {args.model_type!r}: expected one of {', '.join(sorted(CONFIGS))}, or timm:<name>")
     if args.loss_scale < 0 or (args.loss_scale > 0 and not math.log2(args.loss_scale).is_integer()):
         p.error(f"--loss_scale {args.loss_scale:g}: expected 0 (dynamic) or a power of two")
     for flag in ('img_size', 'train_batch_size', 'eval_batch_size', 'eval_every', 'num_steps',
