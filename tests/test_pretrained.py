@@ -224,6 +224,7 @@ def test_distilled_deit_is_named(tmp_path):
     path = save_timm(tmp_path, 'deit', timm_vit(VisionTransformerDistilled).state_dict())
     message = one_line_error(pretrained.read, path)
     assert 'distillation token (dist_token' in message and str(path) in message
+    assert '--model_type timm:<its timm name>' in message  # where it does load: docs/timm.md
 
 
 def test_google_gap_and_map_checkpoints_are_named(tmp_path):
