@@ -2,12 +2,11 @@
 
 `one_line` (an error's message as one line), `check_file` (a path that can be read as a file) and
 `read_checkpoint` (a torch file loaded weights-only, so no pickle runs). `model/` imports nothing from `utils/`;
-`utils/` takes these from here.
+`utils/` takes these from here. torch is imported on first read: `utils.errors` takes `one_line` from here before
+the tools import torch (a Ctrl-C during that import still ends in one line).
 """
 import pickle
 from pathlib import Path
-
-import torch
 
 
 def one_line(error: BaseException, limit: int | None = 300) -> str:
@@ -46,6 +45,7 @@ def _unpickling_cause(error: Exception) -> str:
 
 def read_checkpoint(path: str | Path) -> dict:
     """The dict a checkpoint file holds (loaded weights-only, on the CPU), with a one-line error for anything else."""
+    import torch
     path = Path(path)
     check_file(path, 'checkpoint', 'a checkpoint file written by train.py, e.g. last.ckpt')
     try:

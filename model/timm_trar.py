@@ -7,6 +7,7 @@ weights and names unchanged) and adds TRAR's `Router` (`attn.router.*`, its own 
 token (class, registers, distillation) is global in every order; models without a class token and non-square
 grids work. With no orders the model is timm's own, untouched.
 """
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -212,8 +213,9 @@ class TimmViT(nn.Module):
                              f"{' '.join(str(error).split())[:300]}") from None
         for layer in routed_layers(self.vit):
             layer.router.eval_noise = t.eval_noise
-        t.num_layers = len(self.vit.blocks)
-        self.config, self.num_classes = config, self.vit.num_classes
+        self.config = copy.deepcopy(config)  # the caller's stays as given; this one knows the depth
+        self.config.transformer.num_layers = len(self.vit.blocks)
+        self.num_classes = self.vit.num_classes
         self.img_size = tuple(self.vit.patch_embed.img_size)
         self.grid = tuple(self.vit.patch_embed.grid_size)
         self.zero_head = zero_head

@@ -232,7 +232,7 @@ def test_timm_model_for_the_scripts_has_the_repository_interface():
     config.transformer.routing = 'hard'
     torch.manual_seed(0)
     model = TimmViT(config, img_size=(32, 48), num_classes=5)
-    assert model.grid == (2, 3) and model.is_routed and config.transformer.num_layers == 12
+    assert model.grid == (2, 3) and model.is_routed and model.config.transformer.num_layers == 12
     assert all(key.startswith('vit.') for key in model.state_dict())
     x = torch.randn(2, 3, 32, 48)
     model.eval()
