@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from model import pretrained
 from model.config import parse_orders
 from utils import dist_util
-from utils.data_utils import (DATASETS, Augmented, UnreadableImage, collate_skipping_none, get_eval_transform,
-                              load_split)
+from utils.data_utils import (DATASETS, Augmented, DeviceBatches, UnreadableImage, collate_skipping_none,
+                              eval_pixels, load_split)
 from utils.engine import Precision, evaluate
 from utils.errors import command_line
 
@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{' of another dataset' if trained_on and len(trained_on) == len(images.classes) else ''}"
                          f"; {args.dataset} has {len(images.classes)}")
     img_size = model.img_size[0]
-    dataset = Augmented(images, get_eval_transform(img_size), seed=0)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=range(rank, len(dataset), world),
-                        num_workers=args.num_workers, pin_memory=device.type == 'cuda',
-                        collate_fn=partial(collate_skipping_none, image_shape=(3, img_size, img_size)))
+    dataset = Augmented(images, eval_pixels(img_size), seed=0)
+    loader = DeviceBatches(DataLoader(dataset, batch_size=args.batch_size, sampler=range(rank, len(dataset), world),
+                                      num_workers=args.num_workers, pin_memory=device.type == 'cuda',
+                                      collate_fn=partial(collate_skipping_none, image_shape=(3, img_size, img_size))),
+                           device)
     precision = Precision.from_args(args.fp16, 'O1', args.amp_dtype, 0, device)
     result = evaluate(model.to(device), loader, precision)
     summary = {

@@ -43,8 +43,9 @@ from model.modeling import VisionTransformer
 from utils import checkpoint as checkpoints
 from utils import dist_util
 from utils.checkpoint import CheckpointSaver
-from utils.data_utils import (AUGMENTS, DATASETS, Augmented, ShardedSampler, UnreadableImage, check_same_classes,
-                              collate_skipping_none, get_eval_transform, get_train_transform, load_split)
+from utils.data_utils import (AUGMENTS, DATASETS, Augmented, DeviceBatches, Preprocess, ShardedSampler,
+                              UnreadableImage, check_same_classes, collate_skipping_none, eval_pixels, load_split,
+                              train_pixels)
 from utils.engine import (OPT_LEVELS, Evaluation, Optimization, Precision, RunState, TrainingData, TrainStats,
                           evaluate, peak_memory_mib, train_until)
 from utils.errors import RunError, command_line, stop_at_first_interrupt
@@ -57,6 +58,7 @@ OFFICIAL_MODELS = ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')
 TRAJECTORY_ARGS = ('dataset', 'seed', 'train_batch_size', 'learning_rate', 'weight_decay', 'num_steps', 'decay_type',
                    'warmup_steps', 'max_grad_norm', 'augment', 'tau_policy', 'fp16', 'fp16_opt_level', 'amp_dtype')
 LOG_EVERY = 10  # steps between training scalars in TensorBoard
+PREPROCESS = Preprocess()  # the original ViT code's normalisation and resize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,11 +370,12 @@ def build_optimization(args: argparse.Namespace, model: VisionTransformer, devic
 
 def build_datasets(args: argparse.Namespace) -> tuple[Augmented, Augmented]:
     """The training and validation sets, with the same classes."""
-    train_images = load_split(args.dataset, args.data_dir, True, args.skip_corrupt)
-    val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt)
+    out_dir = Path(args.output_dir) / args.name  # each split's file list is cached there
+    train_images = load_split(args.dataset, args.data_dir, True, args.skip_corrupt, out_dir / 'train_files.txt')
+    val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt, out_dir / 'val_files.txt')
     check_same_classes(train_images, val_images)
-    return (Augmented(train_images, get_train_transform(args.img_size, args.augment), args.seed),
-            Augmented(val_images, get_eval_transform(args.img_size), args.seed))
+    return (Augmented(train_images, train_pixels(args.img_size, args.augment, PREPROCESS), args.seed),
+            Augmented(val_images, eval_pixels(args.img_size, PREPROCESS), args.seed))
 
 
 def build_loaders(args: argparse.Namespace, train_set: Augmented, val_set: Augmented, micro_batch: int,
@@ -387,6 +390,8 @@ def build_loaders(args: argparse.Namespace, train_set: Augmented, val_set: Augme
     train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True, **options)
     val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, sampler=range(rank, len(val_set), world),
                             **options)
+    # uint8 batches, normalised on the device
+    train_loader, val_loader = (DeviceBatches(loader, device, PREPROCESS) for loader in (train_loader, val_loader))
     return TrainingData(train_loader, args.train_batch_size // world), val_loader
 
 
