@@ -442,6 +442,8 @@ def _folder_stamp(path: str) -> str:
 def write_file_list(cache: Path, root: Path, walked: list[str], folders: list[str],
                     samples: list[tuple[str, int]]) -> None:
     """Write the file list of `scan_image_folder` (atomically); a file there that is not one is left alone."""
+    if not cache.parent.is_dir():  # e.g. a process on a node without the run folder
+        return
     if cache.exists() and not _is_file_list(cache):
         logger.warning("not caching the file list of %s: %s exists and is not such a list", root, cache)
         return
