@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from model import pretrained
 from model.config import parse_orders
 from utils import dist_util
-from utils.data_utils import (DATASETS, Augmented, DeviceBatches, UnreadableImage, collate_skipping_none,
-                              eval_pixels, load_split)
+from utils.data_utils import (DATASETS, DeviceBatches, ShardImages, UnreadableImage, collate_skipping_none,
+                              eval_pixels, evaluation_set, load_split)
 from utils.engine import Precision, evaluate
 from utils.errors import command_line
 
@@ -40,6 +40,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--fp16', action='store_true', help='autocast in --amp_dtype')
     p.add_argument('--amp_dtype', choices=('fp16', 'bf16'), default='bf16')
     p.add_argument('--skip_corrupt', action='store_true', help='skip unreadable images with a warning')
+    p.add_argument('--shards', default=None, help="read tar shards from scripts/make_shards.py instead of --data_dir: "
+                                                  "'shards/val-{000000..000049}.tar', a glob or a URL pattern")
     files = p.add_argument_group('files without a config (.npz, timm and bare state dicts)')
     files.add_argument('--model_type', default='ViT-B_16', help='config name in model/config.py')
     files.add_argument('--orders', default=None, help="span orders, e.g. 0,1,2 (default: a plain ViT unless the "
@@ -70,15 +72,16 @@ def main(argv: list[str] | None = None) -> dict:
     weights = pretrained.read(args.ckpt)
     orders = parse_orders(args.orders) if args.orders is not None else None
     model = pretrained.build_model(weights, args.model_type, orders, args.img_size)
-    images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt)
+    images = (ShardImages(args.shards, rank=rank, world_size=world, skip_corrupt=args.skip_corrupt) if args.shards
+              else load_split(args.dataset, args.data_dir, False, args.skip_corrupt))
     trained_on = weights.checkpoint.get('class_names')
     if len(images.classes) != model.num_classes or (trained_on and list(trained_on) != list(images.classes)):
         raise ValueError(f"{args.ckpt} classifies {model.num_classes} classes"
                          f"{' of another dataset' if trained_on and len(trained_on) == len(images.classes) else ''}"
                          f"; {args.dataset} has {len(images.classes)}")
     img_size = model.img_size[0]
-    dataset = Augmented(images, eval_pixels(img_size), seed=0)
-    loader = DeviceBatches(DataLoader(dataset, batch_size=args.batch_size, sampler=range(rank, len(dataset), world),
+    dataset, sampler = evaluation_set(images, eval_pixels(img_size), rank, world)
+    loader = DeviceBatches(DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                                       num_workers=args.num_workers, pin_memory=device.type == 'cuda',
                                       collate_fn=partial(collate_skipping_none, image_shape=(3, img_size, img_size))),
                            device)
