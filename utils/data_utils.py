@@ -13,6 +13,7 @@ the parameters of a `Preprocess`.
 import functools
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -317,7 +318,7 @@ def class_folders(root: Path) -> list[str]:
     return folders
 
 
-FILE_LIST_HEADER = 'image-folder file list v1'
+FILE_LIST_HEADER = 'image-folder file list v2'
 
 
 class _FolderScan:
@@ -455,11 +456,19 @@ def write_file_list(cache: Path, root: Path, walked: list[str], folders: list[st
         return  # a line per file
     prefix = str(root) + os.sep
     lines = [FILE_LIST_HEADER, str(root), str(len(walked)), *(f'{_folder_stamp(f)} {f}' for f in walked),
-             str(len(folders)), *folders, *(f'{label} {path[len(prefix):]}' for path, label in samples)]
+             str(len(folders)), *folders, *_class_blocks(samples, len(folders), len(prefix))]
     try:
         write_atomic(cache, lambda tmp: tmp.write_text('\n'.join(lines) + '\n'))
     except OSError as error:
         logger.warning("cannot cache the file list of %s in %s: %s", root, cache, one_line(error))
+
+
+def _class_blocks(samples: list[tuple[str, int]], classes: int, cut: int) -> list[str]:
+    """Per class, its number of files then their paths with the first `cut` characters (root/) cut."""
+    paths: list[list[str]] = [[] for _ in range(classes)]
+    for path, label in samples:
+        paths[label].append(path[cut:])
+    return [line for group in paths for line in (str(len(group)), *group)]
 
 
 def _is_file_list(cache: Path) -> bool:
@@ -488,9 +497,11 @@ def read_file_list(cache: Path, root: Path) -> tuple[list[str], list[tuple[str, 
         folders = lines[at + 1:at + 1 + count]
         prefix = str(root) + os.sep
         samples = []
-        for line in lines[at + 1 + count:-1]:
-            label, path = line.split(' ', 1)
-            samples.append((prefix + path, int(label)))
+        at += 1 + count
+        for label in range(count):  # per class: its number of files, then their paths below root
+            files = int(lines[at])
+            samples.extend(zip(map(prefix.__add__, lines[at + 1:at + 1 + files]), itertools.repeat(label)))
+            at += 1 + files
         return folders, samples
     except (OSError, ValueError, IndexError, UnicodeDecodeError):
         return None
