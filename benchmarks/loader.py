@@ -11,7 +11,8 @@ a tenth smaller and a tenth larger, up to 1600 px) and saved at quality 90. Each
 through a DataLoader as train.py does: `float32` is the pipeline before the uint8 one (torchvision's
 RandomResizedCrop, RandomHorizontalFlip, ToTensor and Normalize on PIL images; Resize, ToTensor and Normalize
 for evaluation), `uint8` is `utils.data_utils`' `train_pixels` / `eval_pixels` with uint8 batches (on CUDA also
-moved and normalised on the device, `DeviceBatches`). Configurations run interleaved, round by round, and the
+moved and normalised on the device, `DeviceBatches`); `uint8 shards` reads the same JPEGs from tar shards
+(scripts/make_shards.py, `ShardImages`). Configurations run interleaved, round by round, and the
 table shows each one's best round (the least disturbed by other work on the machine); images/s per worker is
 the loader's images/s divided by its workers. `--device cuda` adds GPU decoding (torchvision.io.decode_jpeg on
 CUDA) as a row.
@@ -20,6 +21,7 @@ Scan rows. `scan` builds a tree of empty files (1000 class folders) on a tmpfs (
 folder), then times `scan_image_folder` cold (no cached list) and with the cached list it writes.
 """
 import argparse
+import contextlib
 import functools
 import io
 import json
@@ -38,8 +40,10 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import data_utils  # noqa: E402
-from utils.data_utils import (Augmented, DeviceBatches, Preprocess, collate_skipping_none, decode,  # noqa: E402
-                              eval_pixels, load_split, to_rgb, train_pixels)
+from utils.data_utils import (Augmented, DeviceBatches, Preprocess, ShardImages, collate_skipping_none,  # noqa: E402
+                              decode, eval_pixels, load_split, to_rgb, train_pixels)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'scripts'))
+import make_shards  # noqa: E402
 
 CLASSES = 8
 
@@ -122,9 +126,13 @@ def pipelines(img_size: int) -> dict[tuple[str, str], object]:
 
 def loader_rate(source, transform, img_size: int, workers: int, batch: int, device: torch.device,
                 passes: int) -> float:
-    """Images/s through a DataLoader over `passes` epochs, timed from its first batch (worker start-up excluded)."""
-    dataset = Augmented(source, transform, seed=0)
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+    """Images/s through a DataLoader over `passes` epochs, timed from its first batch (worker start-up excluded).
+    `source` is an ImageFolder split, or the pattern of its shards."""
+    if isinstance(source, str):
+        dataset, shuffle = ShardImages(source, transform), False
+    else:
+        dataset, shuffle = Augmented(source, transform, seed=0), True
+    loader = DataLoader(dataset, batch_size=batch, shuffle=shuffle, num_workers=workers, drop_last=True,
                         collate_fn=functools.partial(collate_skipping_none, image_shape=(3, img_size, img_size)),
                         pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
     batches = DeviceBatches(loader, device) if device.type == 'cuda' else loader
@@ -171,19 +179,24 @@ def loader_table(args: argparse.Namespace) -> list[dict]:
         print(f"{args.images} JPEGs from {sources}: {kib:.0f} KiB on average, written in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
         source = load_split('imagenet', tmp, train=True)
-        configs = [(split, kind, workers) for workers in args.num_workers for split, kind in pipelines(args.img_size)]
+        with contextlib.redirect_stdout(io.StringIO()):  # its line per shard
+            make_shards.main(['--data_dir', tmp, '--split', 'train', '--out', str(Path(tmp) / 'shards'),
+                              '--shard_size', str(max(1, args.images // 16))])
+        shards = str(Path(tmp) / 'shards' / 'train-*.tar')
         transforms_ = pipelines(args.img_size)
+        transforms_['eval', 'uint8 shards'] = transforms_['eval', 'uint8']
+        configs = [(split, kind, workers) for workers in args.num_workers for split, kind in transforms_]
         best: dict[tuple, float] = {}
         for round_ in range(args.rounds):
             for split, kind, workers in configs:
-                rate = loader_rate(source, transforms_[split, kind], args.img_size, workers, args.batch_size, device,
-                                   args.passes)
+                rate = loader_rate(shards if kind.endswith('shards') else source, transforms_[split, kind],
+                                   args.img_size, workers, args.batch_size, device, args.passes)
                 best[split, kind, workers] = max(rate, best.get((split, kind, workers), 0.0))
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
         rows = []
         for split, kind, workers in configs:
             rate = best[split, kind, workers]
-            baseline = best[split, 'float32', workers]
+            baseline = best[split, 'float32', workers]  # shards: against the folder's float32 eval
             rows.append({'pipeline': split, 'dtype': kind, 'workers': workers, 'images_s': round(rate, 1),
                          'images_s_per_worker': round(rate / max(workers, 1), 1),
                          'speedup': round(rate / baseline, 2)})
