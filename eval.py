@@ -12,7 +12,6 @@ and written to --output_json.
 """
 import argparse
 import json
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -21,8 +20,9 @@ from torch.utils.data import DataLoader
 from model import pretrained, timm_trar
 from model.config import parse_orders
 from utils import dist_util
-from utils.data_utils import (DATASETS, Augmented, UnreadableImage, collate_skipping_none, get_eval_transform,
-                              get_timm_eval_transform, load_split)
+from utils.data_utils import (DATASETS, DeviceBatches, ShardImages, UnreadableImage,
+                              collate_skipping_none, eval_pixels, evaluation_set, load_split,
+                              preprocess_of)
 from utils.engine import Precision, evaluate
 from utils.errors import command_line
 
@@ -40,6 +40,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--fp16', action='store_true', help='autocast in --amp_dtype')
     p.add_argument('--amp_dtype', choices=('fp16', 'bf16'), default='bf16')
     p.add_argument('--skip_corrupt', action='store_true', help='skip unreadable images with a warning')
+    p.add_argument('--shards', default=None, help="read tar shards from scripts/make_shards.py instead of --data_dir: "
+                                                  "'shards/val-{000000..000049}.tar', a glob or a URL pattern")
     files = p.add_argument_group('files without a config (.npz, timm and bare state dicts)')
     files.add_argument('--model_type', default='ViT-B_16',
                        help='config name in model/config.py, or timm:<timm model name> (--ckpt: a file or hub id)')
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--output_json {out} is a folder; expected a file name")
     orders = parse_orders(args.orders) if args.orders is not None else None
     weights = None if timm_trar.is_timm(args.model_type) else pretrained.read(args.ckpt)
-    images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt)
+    images = (ShardImages(args.shards, rank=rank, world_size=world, skip_corrupt=args.skip_corrupt) if args.shards
+              else load_split(args.dataset, args.data_dir, False, args.skip_corrupt))
     if weights is None:  # a timm model's weights: a local file or hub id
         model = timm_trar.pretrained_model(args.model_type, args.ckpt, orders or [], args.img_size,
                                            len(images.classes))
@@ -83,14 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{' of another dataset' if trained_on and len(trained_on) == len(images.classes) else ''}"
                          f"; {args.dataset} has {len(images.classes)}")
     img_size = model.img_size[0]
-    if isinstance(model, timm_trar.TimmViT):  # the preprocessing of its pretrained weights
-        transform = get_timm_eval_transform(timm_trar.data_config(model), model.img_size)
-    else:
-        transform = get_eval_transform(img_size)
-    dataset = Augmented(images, transform, seed=0)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=range(rank, len(dataset), world),
-                        num_workers=args.num_workers, pin_memory=device.type == 'cuda',
-                        collate_fn=partial(collate_skipping_none, image_shape=(3, *model.img_size)))
+    preprocess = preprocess_of(model)
+    dataset, sampler = evaluation_set(images, eval_pixels(img_size, preprocess), rank, world)
+    loader = DeviceBatches(DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                      num_workers=args.num_workers, pin_memory=device.type == 'cuda',
+                                      collate_fn=partial(collate_skipping_none, image_shape=(3, img_size, img_size))),
+                           device, preprocess)
     precision = Precision.from_args(args.fp16, 'O1', args.amp_dtype, 0, device)
     result = evaluate(model.to(device), loader, precision)
     summary = {

@@ -26,8 +26,8 @@ from model import pretrained, timm_trar
 from model.config import parse_orders
 from model.modeling import VisionTransformer
 from utils import data_utils
-from utils.data_utils import (DATASETS, UnreadableImage, class_names, get_eval_transform, get_timm_eval_transform,
-                              imagenet_1k_names, is_image_file)
+from utils.data_utils import (DATASETS, UnreadableImage, class_names, get_eval_transform, imagenet_1k_names,
+                              is_image_file, preprocess_of)
 from utils.files import describe, ensure_writable, write_atomic
 from utils.errors import command_line, one_line
 from utils.visualize import cls_attention, save_routing_plot
@@ -211,10 +211,7 @@ def run(args: argparse.Namespace) -> int:
     plots = plot_paths(args.routing_plot, paths) if args.routing_plot else {}
     model, names = load_model(args)
     model.to(args.device)
-    if isinstance(model, timm_trar.TimmViT):  # the preprocessing of its pretrained weights
-        transform = get_timm_eval_transform(timm_trar.data_config(model), model.img_size)
-    else:
-        transform = get_eval_transform(model.img_size[0])
+    transform = get_eval_transform(model.img_size[0], preprocess_of(model))
     status = 0
     for path in paths:
         try:

@@ -44,9 +44,9 @@ from model.modeling import VisionTransformer
 from utils import checkpoint as checkpoints
 from utils import dist_util
 from utils.checkpoint import CheckpointSaver
-from utils.data_utils import (AUGMENTS, DATASETS, Augmented, ShardedSampler, UnreadableImage, check_same_classes,
-                              collate_skipping_none, get_eval_transform, get_timm_eval_transform, get_train_transform,
-                              load_split)
+from utils.data_utils import (AUGMENTS, DATASETS, Augmented, DeviceBatches, ShardedSampler, UnreadableImage,
+                              check_same_classes, collate_skipping_none, eval_pixels, load_split, preprocess_of,
+                              train_pixels)
 from utils.engine import (OPT_LEVELS, Evaluation, Optimization, Precision, RunState, TrainingData, TrainStats,
                           evaluate, peak_memory_mib, train_until)
 from utils.errors import RunError, command_line, stop_at_first_interrupt
@@ -379,16 +379,13 @@ def build_optimization(args: argparse.Namespace, model: VisionTransformer, devic
 
 def build_datasets(args: argparse.Namespace) -> tuple[Augmented, Augmented]:
     """The training and validation sets, with the same classes."""
-    train_images = load_split(args.dataset, args.data_dir, True, args.skip_corrupt)
-    val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt)
+    out_dir = Path(args.output_dir) / args.name  # each split's file list is cached there
+    train_images = load_split(args.dataset, args.data_dir, True, args.skip_corrupt, out_dir / 'train_files.txt')
+    val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt, out_dir / 'val_files.txt')
     check_same_classes(train_images, val_images)
-    if timm_trar.is_timm(args.model_type):  # the preprocessing of the timm model's pretrained weights
-        data_config = timm_trar.data_config(args.model_type)
-        val_transform = get_timm_eval_transform(data_config, (args.img_size, args.img_size))
-    else:
-        data_config, val_transform = None, get_eval_transform(args.img_size)
-    return (Augmented(train_images, get_train_transform(args.img_size, args.augment, data_config), args.seed),
-            Augmented(val_images, val_transform, args.seed))
+    preprocess = preprocess_of(args.model_type)
+    return (Augmented(train_images, train_pixels(args.img_size, args.augment, preprocess), args.seed),
+            Augmented(val_images, eval_pixels(args.img_size, preprocess), args.seed))
 
 
 def build_loaders(args: argparse.Namespace, train_set: Augmented, val_set: Augmented, micro_batch: int,
@@ -403,6 +400,9 @@ def build_loaders(args: argparse.Namespace, train_set: Augmented, val_set: Augme
     train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True, **options)
     val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, sampler=range(rank, len(val_set), world),
                             **options)
+    # uint8 batches, normalised on the device
+    preprocess = preprocess_of(args.model_type)
+    train_loader, val_loader = (DeviceBatches(loader, device, preprocess) for loader in (train_loader, val_loader))
     return TrainingData(train_loader, args.train_batch_size // world), val_loader
 
 

@@ -20,7 +20,8 @@ else (`SECTIONS`, at the end of the sections, lists them; a new section is a fun
 7. mfu        plain ViT-B/16 model FLOPs utilisation against a measured bf16 matmul rate;
 8. train      train.py end to end on digits: bf16 with --compile once, fp16 O1 / O2 and bf16 eager;
 9. ddp        a one-process NCCL run of train.py under torchrun;
-10. loader    data-loader images/s with 4, 8 and 16 workers on synthetic ImageNet-sized JPEGs.
+10. loader    benchmarks/loader.py: float32 and uint8 pipelines, 4, 8 and 16 workers, ImageNet-like JPEGs from
+              photographs, tar shards, and GPU decoding (torchvision.io.decode_jpeg on CUDA) as a row.
 
 A row that would not fit the time left is skipped, a subprocess at its section's end is killed and reported as
 "cut at N s" (not as a failure), and a watchdog writes the tables and exits if the whole run outlasts its budget
@@ -754,52 +755,16 @@ def section_ddp(check: Check) -> str:
     return f"{backend}, world size {row.get('world_size')}, acc {row.get('best_acc', float('nan')):.2f}"
 
 
-def write_jpegs(folder: Path, count: int, size: tuple[int, int]) -> None:
-    """`count` JPEGs of `size` in 8 class folders, smooth noise plus grain: about a photograph's file size."""
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    width, height = size
-    for i in range(count):
-        coarse = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
-        grain = rng.integers(-12, 13, (height, width, 3))
-        pixels = np.clip(np.asarray(image, dtype=np.int16) + grain, 0, 255).astype(np.uint8)
-        target = folder / f'class{i % 8}'
-        target.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(target / f'{i}.JPEG', quality=90)
-
-
 def section_loader(check: Check) -> str:
-    from torch.utils.data import DataLoader
+    """benchmarks/loader.py's table: float32 and uint8 pipelines per worker count, shards, GPU decoding as a row."""
+    import loader
     shapes = check.shapes
-    root = check.work / 'jpegs'
-    started = time.perf_counter()
-    write_jpegs(root / 'train', shapes.loader_images, shapes.loader_image_size)
-    size = sum(p.stat().st_size for p in (root / 'train').rglob('*.JPEG')) / shapes.loader_images / 1024
-    check.line(f"  loader | wrote {shapes.loader_images} JPEGs of {shapes.loader_image_size[0]}x"
-               f"{shapes.loader_image_size[1]}, {size:.0f} KiB each, in {time.perf_counter() - started:.1f} s")
-    dataset = Augmented(load_split('imagenet', str(root), True), get_train_transform(shapes.loader_img_size, 'flip'), 0)
-    batch = 64 if check.cuda else 4
-    collate = functools.partial(collate_skipping_none, image_shape=(3, shapes.loader_img_size, shapes.loader_img_size))
-
-    def measure(workers: int) -> dict:
-        loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate,
-                            pin_memory=check.cuda, drop_last=True)
-        images, start = 0, None
-        for _ in range(2):  # two passes over the files, the first batch (workers starting) untimed
-            for pictures, *_ in loader:
-                if start is None:
-                    start = time.perf_counter()
-                    continue
-                images += len(pictures)
-        return {'images_s': images / (time.perf_counter() - start), 'img_size': shapes.loader_img_size}
-
-    rows = [check.row(f'{workers} workers', functools.partial(measure, workers), cost=5) for workers in shapes.workers]
-    if any('error' in r for r in rows):
-        raise RuntimeError('failed rows: ' + ', '.join(r['name'] for r in rows if 'error' in r))
-    return ', '.join(f"{r['name']} {r['images_s']:.0f} img/s" for r in rows if 'images_s' in r)
-
+    args = loader.get_args(['--images', str(min(shapes.loader_images, 256)), '--img_size', '224' if check.cuda
+                            else str(shapes.loader_img_size), '--num_workers', ','.join(map(str, shapes.workers)),
+                            '--rounds', '1', '--batch_size', '32' if check.cuda else '4', '--device', check.device.type])
+    rows = [check.row(f"{r['pipeline']} {r['dtype']} {r['workers']} workers", lambda r=r: r)
+            for r in loader.loader_table(args)]
+    return ', '.join(f"{r['name']} {r['images_s']:.0f} img/s" for r in rows if r['dtype'] == 'uint8')
 
 
 # The sections, most valuable first, with their budgets in seconds on one H100 (the estimates BENCHMARKS.md states).
@@ -814,7 +779,7 @@ SECTIONS = [
     Section('mfu', 5, section_mfu),
     Section('train', 50, section_train),
     Section('ddp', 15, section_ddp),
-    Section('loader', 20, section_loader),
+    Section('loader', 45, section_loader),
 ]
 
 

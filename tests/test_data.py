@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from utils.data_utils import (Augmented, ShardedSampler, UnreadableImage, check_same_classes, class_names,
                               collate_skipping_none, digits_split, get_eval_transform, get_train_transform,
-                              imagenet_names, load_split, to_rgb)
+                              imagenet_names, load_split, scan_image_folder, to_rgb)
 from utils.scheduler import build_scheduler, lr_factor, tau_at
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,10 +130,10 @@ def test_imagefolder_reports_or_skips_corrupt_files(tmp_path):
         Image.new('RGB', (10, 10), 'red').save(tmp_path / 'train' / name / 'ok.png')
     png = (tmp_path / 'train' / 'dog' / 'ok.png').read_bytes()
     (tmp_path / 'train' / 'dog' / 'broken.png').write_bytes(png[:len(png) // 2])
-    strict = load_split('imagenet', str(tmp_path), train=True)
+    strict = Augmented(load_split('imagenet', str(tmp_path), train=True), get_eval_transform(8), seed=0)
     assert strict.classes == ['cat', 'dog']
-    with pytest.raises(UnreadableImage, match='broken.png'):
-        [strict.load(i) for i in range(len(strict))]
+    with pytest.raises(UnreadableImage, match=r'broken\.png: .*\(use --skip_corrupt to skip such files\)$'):
+        [strict[i] for i in range(len(strict))]
     lenient = Augmented(load_split('imagenet', str(tmp_path), train=True, skip_corrupt=True),
                         get_eval_transform(8), seed=0)
     images, labels, skipped = collate_skipping_none([lenient[i] for i in range(len(lenient))])
@@ -146,8 +146,9 @@ def test_decompression_bombs_are_reported_or_skipped_like_corrupt_files(tmp_path
     Image.new('RGB', (10, 10)).save(tmp_path / 'train' / 'cat' / 'huge.png')
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 10)  # 100 pixels: over twice the limit, a bomb
     with pytest.raises(UnreadableImage, match=r'huge\.png: .*decompression bomb'):
-        load_split('imagenet', str(tmp_path), train=True).load(0)
-    assert load_split('imagenet', str(tmp_path), train=True, skip_corrupt=True).load(0) == (None, 0)
+        Augmented(load_split('imagenet', str(tmp_path), train=True), get_eval_transform(8), seed=0)[0]
+    lenient = Augmented(load_split('imagenet', str(tmp_path), train=True, skip_corrupt=True), get_eval_transform(8), 0)
+    assert lenient[0] == (0,) and collate_skipping_none([lenient[0]], (3, 8, 8))[0].shape == (0, 3, 8, 8)
 
 
 def test_splits_of_other_class_folders_are_refused(tmp_path):
@@ -237,3 +238,49 @@ def test_tau_policies():
     assert all(a > b for a, b in zip(slow, slow[1:]))
     with pytest.raises(ValueError, match='quick'):
         tau_at(0, 10, 1, 10.0, 0.1, 'quick')
+
+
+def image_tree_of_pngs(root: Path, classes=('cat', 'dog'), per_class=3) -> Path:
+    for name in classes:
+        (root / name / 'nested').mkdir(parents=True)
+        for i in range(per_class):
+            Image.new('RGB', (4, 4)).save(root / name / ('nested' if i else '.') / f'{i}.png')
+    return root
+
+
+def test_the_scan_stats_folders_and_links_only(tmp_path, monkeypatch):
+    import os
+    split = image_tree_of_pngs(tmp_path / 'train')
+    os.link(split / 'cat' / '0.png', split / 'cat' / 'nested' / 'hard.png')  # one file, two names: one sample
+    os.symlink(split / 'cat' / 'nested' / '1.png', split / 'cat' / 'soft.png')
+    real_stat, stats = os.stat, []
+    monkeypatch.setattr(os, 'stat', lambda path, *a, **k: stats.append(str(path)) or real_stat(path, *a, **k))
+    folders, samples = scan_image_folder(split)
+    monkeypatch.setattr(os, 'stat', real_stat)
+    assert folders == ['cat', 'dog'] and len(samples) == 6
+    # independently: every path stat-ed and counted once by (device, inode)
+    ids = {(os.stat(p).st_dev, os.stat(p).st_ino): label for p, label in samples}
+    assert len(ids) == 6
+    assert not [path for path in stats if path.endswith('.png') and 'soft' not in path and '1.png' not in path]
+
+
+def test_the_cached_file_list_is_used_until_a_folder_changes(tmp_path, monkeypatch):
+    from utils import data_utils
+    split = image_tree_of_pngs(tmp_path / 'train')
+    cache = tmp_path / 'run' / 'train_files.txt'
+    cache.parent.mkdir()
+    expected = scan_image_folder(split)
+    assert scan_image_folder(split, cache) == expected and cache.exists()
+
+    def no_walk(*args):
+        raise AssertionError('walked although the cached list is valid')
+    monkeypatch.setattr(data_utils._FolderScan, 'walk', no_walk)
+    assert scan_image_folder(split, cache) == expected
+    monkeypatch.undo()
+    Image.new('RGB', (4, 4)).save(split / 'dog' / 'nested' / 'new.png')  # a nested folder changes
+    folders, samples = scan_image_folder(split, cache)
+    assert len(samples) == len(expected[1]) + 1
+    assert data_utils.read_file_list(cache, split) == (folders, samples)
+    foreign = tmp_path / 'notes.txt'
+    foreign.write_text('mine')
+    assert scan_image_folder(split, foreign) == (folders, samples) and foreign.read_text() == 'mine'
