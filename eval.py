@@ -40,6 +40,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--fp16', action='store_true', help='autocast in --amp_dtype')
     p.add_argument('--amp_dtype', choices=('fp16', 'bf16'), default='bf16')
     p.add_argument('--skip_corrupt', action='store_true', help='skip unreadable images with a warning')
+    p.add_argument('--use_ema', action='store_true',
+                   help='evaluate the weight average of a train.py checkpoint written with --model_ema')
     files = p.add_argument_group('files without a config (.npz, timm and bare state dicts)')
     files.add_argument('--model_type', default='ViT-B_16',
                        help='config name in model/config.py, or timm:<timm model name> (--ckpt: a file or hub id)')
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     if out.is_dir():
         raise ValueError(f"--output_json {out} is a folder; expected a file name")
     orders = parse_orders(args.orders) if args.orders is not None else None
-    weights = None if timm_trar.is_timm(args.model_type) else pretrained.read(args.ckpt)
+    weights = None if timm_trar.is_timm(args.model_type) else pretrained.read(args.ckpt, ema=args.use_ema)
     images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt)
     if weights is None:  # a timm model's weights: a local file or hub id
         model = timm_trar.pretrained_model(args.model_type, args.ckpt, orders or [], args.img_size,
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     precision = Precision.from_args(args.fp16, 'O1', args.amp_dtype, 0, device)
     result = evaluate(model.to(device), loader, precision)
     summary = {
-        'checkpoint': str(args.ckpt), 'layout': layout, 'dataset': args.dataset, 'img_size': img_size,
+        'checkpoint': str(args.ckpt), 'ema': args.use_ema, 'layout': layout, 'dataset': args.dataset,
+        'img_size': img_size,
         'images': result.images, 'top1': result.accuracy, 'top5': result.top5, 'loss': result.loss,
         'orders': list(model.config.transformer.orders), 'routing': result.routing, 'world_size': world,
     }

@@ -15,7 +15,7 @@ from timm.data.mixup import mixup_target
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torchvision import transforms
 
-from utils.data_utils import CROP_SCALE, to_rgb
+from utils.data_utils import CROP_SCALE, get_train_transform, to_rgb
 
 MEAN = STD = (0.5, 0.5, 0.5)  # the project's [-1, 1] normalisation (ViT's), not ImageNet's statistics
 
@@ -57,9 +57,11 @@ class SeededTransform:
         return f"SeededTransform({self.transform!r})"
 
 
-def recipe_train_transform(img_size: int, augment: str, aa: str | None, reprob: float) -> Callable:
+def recipe_train_transform(img_size: int, augment: str, aa: str | None, reprob: float,
+                           data_config: dict | None = None) -> Callable:
     """timm's ImageNet training transform: random resized crop (bicubic), flip for `augment='flip'`, the
     auto-augment `aa`, [-1, 1] normalisation, random erasing with probability `reprob` (per-pixel noise).
+    `data_config` (a timm model's mean and std) replaces the [-1, 1] normalisation.
 
     `augment='crop'` keeps its milder crop and no flip; timm's crop scale (0.08-1) replaces `flip`'s 0.05-1.
     """
@@ -69,8 +71,17 @@ def recipe_train_transform(img_size: int, augment: str, aa: str | None, reprob: 
     timm_transform = create_transform(
         img_size, is_training=True, scale=CROP_SCALE[augment] if augment == 'crop' else None,
         hflip=0.5 if augment == 'flip' else 0.0, color_jitter=None, auto_augment=aa, interpolation='bicubic',
-        mean=MEAN, std=STD, re_prob=reprob, re_mode='pixel', re_count=1)
+        mean=(data_config or {}).get('mean', MEAN), std=(data_config or {}).get('std', STD), re_prob=reprob,
+        re_mode='pixel', re_count=1)
     return SeededTransform(transforms.Compose([transforms.Lambda(to_rgb), timm_transform]))
+
+
+def train_transform(img_size: int, augment: str, aa: str | None, reprob: float,
+                    data_config: dict | None = None) -> Callable:
+    """timm's transform (`recipe_train_transform`) when --aa or --reprob is on, else the project's own."""
+    if aa is not None or reprob > 0:
+        return recipe_train_transform(img_size, augment, aa, reprob, data_config)
+    return get_train_transform(img_size, augment, data_config)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -113,13 +124,18 @@ class BatchMixup:
 def build_mixup(mixup: float, cutmix: float, prob: float, switch_prob: float, smoothing: float, num_classes: int,
                 seed: int, micro_batch: int) -> BatchMixup | None:
     """The batch mixing of a recipe, or None when mixup and cutmix are both off."""
+    check_mixup_batch(mixup, cutmix, micro_batch)
     if mixup <= 0 and cutmix <= 0:
         return None
-    if micro_batch < 2 or micro_batch % 2:
+    return BatchMixup(mixup, cutmix, prob, switch_prob, smoothing, num_classes, seed)
+
+
+def check_mixup_batch(mixup: float, cutmix: float, micro_batch: int) -> None:
+    """A one-line ValueError when mixing is on and a micro-batch has no even number of images to pair."""
+    if (mixup > 0 or cutmix > 0) and (micro_batch < 2 or micro_batch % 2):
         raise ValueError(f"--mixup {mixup} / --cutmix {cutmix} with micro-batches of {micro_batch} images: mixing "
                          "pairs the images of a micro-batch, expected an even number of at least 2 per process "
                          "and accumulation step")
-    return BatchMixup(mixup, cutmix, prob, switch_prob, smoothing, num_classes, seed)
 
 
 def train_loss(mixing: bool, smoothing: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

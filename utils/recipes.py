@@ -112,7 +112,8 @@ def check(args: argparse.Namespace) -> None:
     for field in PROBABILITIES:
         value = getattr(args, field)
         if not 0 <= value <= 1 or (field == 'drop_path' and value == 1):
-            raise ValueError(f"--{field} {value}: expected a probability in [0, {'1)' if field == 'drop_path' else '1]'}")
+            bound = '1)' if field == 'drop_path' else '1]'
+            raise ValueError(f"--{field} {value}: expected a probability in [0, {bound}")
     if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
         raise ValueError(f"--layer_decay {args.layer_decay}: expected a factor in (0, 1], or none")
     if not 0 <= args.model_ema_decay < 1:
