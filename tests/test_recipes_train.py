@@ -1,5 +1,6 @@
 """Each recipe trains the demo's model end to end, resumes exactly after SIGKILL with every part on (EMA, mixup,
 RandAugment on the loader workers, drop path, layer-decay groups) and evaluates, live and EMA weights."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,11 +13,14 @@ import torch
 from train_helpers import ROOT, run_train, tiny_args
 
 STEPS = 6
+_spec = importlib.util.spec_from_file_location('predict_cli', ROOT / 'test.py')
+predict_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(predict_cli)
 ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
 @pytest.mark.parametrize('recipe,extra', [('deit', ['--layer_decay', '0.75']), ('mae', ['--orders', 'none'])])
-def test_recipe_trains_resumes_exactly_after_sigkill_and_evaluates(tmp_path, recipe, extra):
+def test_recipe_trains_resumes_exactly_after_sigkill_and_evaluates(tmp_path, capsys, recipe, extra):
     # tiny_args' SGD lr is too high for AdamW; a short run needs an EMA that moves
     flags = ['--recipe', recipe, *extra, '--learning_rate', '1e-3', '--model_ema_decay', '0.9']
     whole_log = tmp_path / 'whole.log'
@@ -65,6 +69,14 @@ def test_recipe_trains_resumes_exactly_after_sigkill_and_evaluates(tmp_path, rec
         summary = json.loads(out.read_text())
         assert summary['ema'] is use_ema and summary['images'] == results['val_images']
         assert summary['top1'] == pytest.approx(results['ema_final_acc' if use_ema else 'final_acc'])
+    if recipe == 'deit':  # test.py predicts with either set of weights
+        predictions = []
+        for use_ema in (False, True):
+            status = predict_cli.main(['--ckpt', str(checkpoint), '--image', str(ROOT / 'pic' / 'digit_3.png'),
+                                       '--json', *(['--use_ema'] if use_ema else [])])
+            assert status == 0
+            predictions.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+        assert predictions[0] != predictions[1]  # the average's probabilities, not the live weights'
     if recipe == 'mae':  # no average to evaluate
         evaluation = subprocess.run([sys.executable, 'eval.py', '--ckpt', str(checkpoint), '--dataset', 'digits',
                                      '--device', 'cpu', '--use_ema'], cwd=ROOT, capture_output=True, text=True,
