@@ -42,6 +42,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--skip_corrupt', action='store_true', help='skip unreadable images with a warning')
     p.add_argument('--shards', default=None, help="read tar shards from scripts/make_shards.py instead of --data_dir: "
                                                   "'shards/val-{000000..000049}.tar', a glob or a URL pattern")
+    p.add_argument('--use_ema', action='store_true',
+                   help='evaluate the weight average of a train.py checkpoint written with --model_ema')
     files = p.add_argument_group('files without a config (.npz, timm and bare state dicts)')
     files.add_argument('--model_type', default='ViT-B_16',
                        help='config name in model/config.py, or timm:<timm model name> (--ckpt: a file or hub id)')
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     if out.is_dir():
         raise ValueError(f"--output_json {out} is a folder; expected a file name")
     orders = parse_orders(args.orders) if args.orders is not None else None
-    weights = None if timm_trar.is_timm(args.model_type) else pretrained.read(args.ckpt)
+    weights = None if timm_trar.is_timm(args.model_type) else pretrained.read(args.ckpt, ema=args.use_ema)
     images = (ShardImages(args.shards, rank=rank, world_size=world, skip_corrupt=args.skip_corrupt) if args.shards
               else load_split(args.dataset, args.data_dir, False, args.skip_corrupt))
     if weights is None:  # a timm model's weights: a local file or hub id
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     precision = Precision.from_args(args.fp16, 'O1', args.amp_dtype, 0, device)
     result = evaluate(model.to(device), loader, precision)
     summary = {
-        'checkpoint': str(args.ckpt), 'layout': layout, 'dataset': args.dataset, 'img_size': img_size,
+        'checkpoint': str(args.ckpt), 'ema': args.use_ema, 'layout': layout, 'dataset': args.dataset,
+        'img_size': img_size,
         'images': result.images, 'top1': result.accuracy, 'top5': result.top5, 'loss': result.loss,
         'orders': list(model.config.transformer.orders), 'routing': result.routing, 'world_size': world,
     }

@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='save the CLS attention and routing weights picture here '
                              '(for a folder: OUT_<image name>.png per image)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--use_ema', action='store_true',
+                        help='the weight average of a train.py checkpoint written with --model_ema')
     weights = parser.add_argument_group("checkpoints without a config (.npz, timm and bare state dicts)")
     weights.add_argument('--model_type', default='ViT-B_16',
                          help='config name in model/config.py, or timm:<timm model name> (--ckpt: a file or hub id)')
@@ -81,7 +83,7 @@ def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, list[str]]:
             model = timm_trar.pretrained_model(args.model_type, args.ckpt, orders or [], args.img_size,
                                                args.num_classes)
             return model, names_for(model.num_classes, args)
-        weights = pretrained.read(path)
+        weights = pretrained.read(path, ema=args.use_ema)
         model = pretrained.build_model(weights, args.model_type, orders, args.img_size, args.num_classes)
     except ValueError as error:
         raise InputError(one_line(error, limit=None)) from None

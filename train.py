@@ -42,22 +42,23 @@ from model import pretrained as pretrained_weights
 from model import timm_trar
 from model.modeling import VisionTransformer
 from utils import checkpoint as checkpoints
-from utils import dist_util
+from utils import dist_util, recipes
+from utils.augment import build_mixup, check_mixup_batch, train_loss, train_transform
 from utils.checkpoint import CheckpointSaver
-from utils.data_utils import (AUGMENTS, DATASETS, Augmented, DeviceBatches, ShardedSampler, UnreadableImage,
-                              check_same_classes, collate_skipping_none, eval_pixels, load_split, preprocess_of,
-                              train_pixels)
+from utils.data_utils import (DATASETS, Augmented, DeviceBatches, ShardedSampler, UnreadableImage,
+                              check_same_classes, collate_skipping_none, eval_pixels, load_split, preprocess_of)
 from utils.engine import (OPT_LEVELS, Evaluation, Optimization, Precision, RunState, TrainingData, TrainStats,
                           evaluate, peak_memory_mib, train_until)
 from utils.errors import RunError, command_line, stop_at_first_interrupt
 from utils.files import RunFolder, describe, write_atomic
+from utils.optim import build_ema, build_optimizer
 from utils.scheduler import DECAY_TYPES, TAU_POLICIES, build_scheduler, tau_at
 
 OFFICIAL_URL = 'https://storage.googleapis.com/vit_models/imagenet21k/{}.npz'
 OFFICIAL_MODELS = ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')
 # Arguments that shape the trajectory: resuming with other values continues, but not exactly.
-TRAJECTORY_ARGS = ('dataset', 'seed', 'train_batch_size', 'learning_rate', 'weight_decay', 'num_steps', 'decay_type',
-                   'warmup_steps', 'max_grad_norm', 'augment', 'tau_policy', 'fp16', 'fp16_opt_level', 'amp_dtype')
+TRAJECTORY_ARGS = ('dataset', 'seed', 'train_batch_size', 'num_steps', 'decay_type', 'warmup_steps', 'tau_policy',
+                   'fp16', 'fp16_opt_level', 'amp_dtype', 'recipe', *recipes.RECIPES['vit'])
 LOG_EVERY = 10  # steps between training scalars in TensorBoard
 
 
@@ -81,12 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--train_batch_size', type=int, default=512, help='global batch size over all processes')
     p.add_argument('--eval_batch_size', type=int, default=64, help='per-process evaluation batch size')
     p.add_argument('--eval_every', type=int, default=100, help='evaluate and checkpoint every this many steps')
-    p.add_argument('--learning_rate', type=float, default=3e-2, help='SGD (momentum 0.9) peak learning rate')
-    p.add_argument('--weight_decay', type=float, default=0.0)
     p.add_argument('--num_steps', type=int, default=10000, help='optimizer steps in all')
     p.add_argument('--decay_type', choices=DECAY_TYPES, default='cosine')
     p.add_argument('--warmup_steps', type=int, default=500)
-    p.add_argument('--max_grad_norm', type=float, default=1.0, help='global gradient-norm clip; 0 turns it off')
     p.add_argument('--seed', type=int, default=42)
     p.add_argument('--gradient_accumulation_steps', type=int, default=1)
     p.add_argument('--fp16', action='store_true', help='mixed precision with torch.amp (dtype: --amp_dtype)')
@@ -103,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                    help='override a config field, e.g. transformer.dropout_rate=0.0 (repeatable)')
     p.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
-    p.add_argument('--augment', choices=AUGMENTS, default='flip')
     p.add_argument('--tau_policy', choices=TAU_POLICIES, default='slow', help='temperature schedule of hard routing')
     p.add_argument('--skip_corrupt', action='store_true', help='skip unreadable images with a warning and a count')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (training and evaluation)')
@@ -115,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--attention', default=None,
                    help="routed attention implementation: auto (chosen by device) or a name, e.g. shared_scores, "
                         "flex, triton, dense; sets config transformer.attention (default: the config's)")
+    recipes.add_recipe_arguments(p.add_argument_group('recipe (utils/recipes.py; a flag overrides its value)'))
     return p
 
 
@@ -124,13 +122,17 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.model_type not in CONFIGS and not timm_trar.is_timm(args.model_type):
         p.error(f"--model_type {args.model_type!r}: expected one of {', '.join(sorted(CONFIGS))}, or timm:<name>")
+    try:
+        args.recipe_overrides = {field: list(values) for field, values in recipes.resolve(args).items()}
+    except ValueError as error:
+        p.error(str(error))
     if args.loss_scale < 0 or (args.loss_scale > 0 and not math.log2(args.loss_scale).is_integer()):
         p.error(f"--loss_scale {args.loss_scale:g}: expected 0 (dynamic) or a power of two")
     for flag in ('img_size', 'train_batch_size', 'eval_batch_size', 'eval_every', 'num_steps',
                  'gradient_accumulation_steps'):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: expected a positive integer")
-    for flag in ('warmup_steps', 'num_workers', 'max_grad_norm', 'weight_decay', 'learning_rate'):
+    for flag in ('warmup_steps', 'num_workers'):
         if getattr(args, flag) < 0:
             p.error(f"--{flag} {getattr(args, flag)}: expected a non-negative number")
     if args.warmup_steps >= args.num_steps:
@@ -216,19 +218,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def warn_if_slow_precision(args: argparse.Namespace, device: torch.device, main_process: bool) -> None:
+def announce(args: argparse.Namespace, device: torch.device, main_process: bool) -> None:
+    """The recipe and its overrides (stdout), and a warning for precision that is slow on this device."""
+    if main_process:
+        print(recipes.describe(args, args.recipe_overrides), flush=True)
     if args.fp16 and device.type == 'cpu' and main_process:
         print("warning: --fp16 on a CPU: autocast there runs slower than float32; it is for trying mixed "
               "precision out, not for speed", file=sys.stderr)
 
 
 def micro_batch_size(args: argparse.Namespace, world: int) -> int:
-    """Each process's micro-batch: the global batch over processes and accumulation steps."""
+    """Each process's micro-batch: the global batch over processes and accumulation steps (even, to mix)."""
     accumulation = args.gradient_accumulation_steps
     if args.train_batch_size % (world * accumulation):
         raise ValueError(f"--train_batch_size {args.train_batch_size} is not divisible by {world} processes x "
                          f"{accumulation} accumulation steps")
-    return args.train_batch_size // (world * accumulation)
+    micro_batch = args.train_batch_size // (world * accumulation)
+    check_mixup_batch(args.mixup, args.cutmix, micro_batch)
+    return micro_batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +317,12 @@ def restore(resume: dict, optimization: Optimization, rank: int, world: int, mai
     scaler = optimization.precision.scaler
     if scaler is not None and resume.get('scaler'):
         scaler.load_state_dict(resume['scaler'])
+    if optimization.ema is not None:
+        if resume.get('ema_state_dict') is None:
+            print("warning: the checkpoint holds no EMA weights (written without --model_ema): the average starts "
+                  "from its weights", file=sys.stderr)
+        else:
+            optimization.ema.module.load_state_dict(resume['ema_state_dict'])
     if len(resume['rng']) == world:
         checkpoints.set_rng_state(resume['rng'][rank])
     elif main_process:
@@ -327,6 +340,7 @@ def checkpoint_state(model: VisionTransformer, optimization: Optimization, state
         'class_names': class_names, 'args': vars(args),
         'optimizer': optimization.optimizer.state_dict(), 'scheduler': optimization.scheduler.state_dict(),
         'scaler': scaler.state_dict() if scaler is not None else None,
+        'ema_state_dict': optimization.ema.module.state_dict() if optimization.ema is not None else None,
         'rng': dist_util.all_gather_objects(checkpoints.rng_state()),
     }
 
@@ -340,9 +354,11 @@ def build_model(args: argparse.Namespace, config: ml_collections.ConfigDict, num
     """The model, with the weights of the run it continues or of the pretrained checkpoint (new head)."""
     if timm_trar.is_timm(args.model_type):  # timm loads --pretrained_dir (a file or hub id) unless it resumes
         start = None if resume is not None or args.pretrained_dir in (None, '', 'none') else args.pretrained_dir
-        model = timm_trar.TimmViT(config, args.img_size, num_classes, weights=start, zero_head=True)
+        model = timm_trar.TimmViT(config, args.img_size, num_classes, weights=start, zero_head=True,
+                                  drop_path_rate=args.drop_path)
     else:
-        model = VisionTransformer(config, img_size=args.img_size, num_classes=num_classes, zero_head=True)
+        model = VisionTransformer(config, img_size=args.img_size, num_classes=num_classes, zero_head=True,
+                                  drop_path_rate=args.drop_path)
     if resume is not None:
         model.load_state_dict(resume['state_dict'])
     elif pretrained is not None:
@@ -354,27 +370,33 @@ def build_model(args: argparse.Namespace, config: ml_collections.ConfigDict, num
 
 
 def build_optimization(args: argparse.Namespace, model: VisionTransformer, device: torch.device,
-                       world: int) -> tuple[torch.nn.Module, Optimization]:
-    """The model on its device (compiled, DDP-wrapped for several processes) and what its steps need: SGD with
-    momentum 0.9, warmup then decay, mixed precision, and hard routing's temperature schedule."""
+                       world: int, micro_batch: int) -> tuple[torch.nn.Module, Optimization]:
+    """The model on its device (compiled, DDP-wrapped for several processes) and what its steps need: the recipe's
+    optimizer, warmup then decay, mixed precision, hard routing's temperature schedule, the recipe's loss, mixing
+    and weight average (utils/recipes.py)."""
     precision = Precision.from_args(args.fp16, args.fp16_opt_level, args.amp_dtype, args.loss_scale, device)
     model.to(device=device, dtype=precision.model_dtype)
+    ema = build_ema(model, args.model_ema_decay) if args.model_ema else None  # not compiled: it only evaluates
     model.attention_implementation(device)  # an implementation the device cannot run fails here, before training
     if args.compile:
         model.compile()  # in place: the state dict keeps its keys, DDP wraps the compiled module
     trained = model
     if world > 1:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9,
-                                weight_decay=args.weight_decay)
-    scheduler = build_scheduler(optimizer, args.decay_type, args.warmup_steps, args.num_steps)
+    optimizer = build_optimizer(model, args.opt, args.learning_rate, args.weight_decay, args.wd_exclude,
+                                args.layer_decay)
+    peak = args.learning_rate or 1.0  # the warmup's start and the floor as fractions of the peak
+    scheduler = build_scheduler(optimizer, args.decay_type, args.warmup_steps, args.num_steps,
+                                args.warmup_lr / peak, args.min_lr / peak)
+    mix = build_mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing,
+                      model.num_classes, args.seed, micro_batch)
     transformer = model.config.transformer
     tau = None
     if model.is_routed and transformer.routing == 'hard':
         tau = partial(tau_at, total_steps=args.num_steps, warmup_steps=args.warmup_steps, tau_max=transformer.tau_max,
                       tau_min=transformer.tau_min, policy=args.tau_policy)
     return trained, Optimization(optimizer, scheduler, precision, args.gradient_accumulation_steps,
-                                 args.max_grad_norm, tau)
+                                 args.max_grad_norm, tau, train_loss(mix is not None, args.smoothing), mix, ema)
 
 
 def build_datasets(args: argparse.Namespace) -> tuple[Augmented, Augmented]:
@@ -384,8 +406,9 @@ def build_datasets(args: argparse.Namespace) -> tuple[Augmented, Augmented]:
     val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt, out_dir / 'val_files.txt')
     check_same_classes(train_images, val_images)
     preprocess = preprocess_of(args.model_type)
-    return (Augmented(train_images, train_pixels(args.img_size, args.augment, preprocess), args.seed),
-            Augmented(val_images, eval_pixels(args.img_size, preprocess), args.seed))
+    transform = train_transform(args.img_size, args.augment, args.aa, args.reprob, preprocess)
+    return Augmented(train_images, transform, args.seed), Augmented(val_images, eval_pixels(args.img_size, preprocess),
+                                                                    args.seed)
 
 
 def build_loaders(args: argparse.Namespace, train_set: Augmented, val_set: Augmented, micro_batch: int,
@@ -410,22 +433,39 @@ def build_loaders(args: argparse.Namespace, train_set: Augmented, val_set: Augme
 # Logging and results
 
 
-def record_evaluation(state: RunState, evaluation: Evaluation) -> bool:
-    """Note an evaluation in the run's state; True when accuracy improved on the best so far."""
+def evaluate_average(optimization: Optimization, val_loader: DataLoader) -> Evaluation | None:
+    """The EMA weights' evaluation (--model_ema), None without them."""
+    ema = optimization.ema
+    return evaluate(ema.module, val_loader, optimization.precision) if ema is not None else None
+
+
+def evaluation_line(state: RunState, evaluation: Evaluation, averaged: Evaluation | None) -> str:
+    line = f"step {state.step}: validation accuracy {evaluation.accuracy:.4f} (best {state.best_acc:.4f})"
+    return line + (f"; EMA {averaged.accuracy:.4f} (best {state.ema_best_acc:.4f})" if averaged else '')
+
+
+def record_evaluation(state: RunState, evaluation: Evaluation, averaged: Evaluation | None = None) -> bool:
+    """Note an evaluation (and the EMA's, if any) in the run's state; True when accuracy improved on the best so
+    far (the live weights' accuracy: best.ckpt follows it)."""
     if not math.isfinite(evaluation.loss):
         raise FloatingPointError(f"non-finite validation loss at step {state.step}")
     improved = evaluation.accuracy > state.best_acc
     state.final_acc, state.best_acc = evaluation.accuracy, max(state.best_acc, evaluation.accuracy)
     state.val_images = evaluation.images
+    if averaged is not None:
+        state.ema_final_acc, state.ema_best_acc = averaged.accuracy, max(state.ema_best_acc, averaged.accuracy)
     return improved
 
 
-def log_to_tensorboard(writer: SummaryWriter, stats: TrainStats, evaluation: Evaluation, step: int) -> None:
+def log_to_tensorboard(writer: SummaryWriter, stats: TrainStats, evaluation: Evaluation, step: int,
+                       averaged: Evaluation | None = None) -> None:
     for logged_step, scalars in stats.logs:
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, logged_step)
-    for tag, value in (('accuracy', evaluation.accuracy), ('loss', evaluation.loss), ('top5', evaluation.top5)):
-        writer.add_scalar(f'val/{tag}', value, step)
+    for prefix, result in (('val/', evaluation), ('val/ema_', averaged)):
+        if result is not None:
+            for tag, value in (('accuracy', result.accuracy), ('loss', result.loss), ('top5', result.top5)):
+                writer.add_scalar(f'{prefix}{tag}', value, step)
 
 
 def results_of(args: argparse.Namespace, model: VisionTransformer, state: RunState, device: torch.device) -> dict:
@@ -439,6 +479,8 @@ def results_of(args: argparse.Namespace, model: VisionTransformer, state: RunSta
         'peak_memory_kind': 'cuda_max_allocated' if device.type == 'cuda' else 'cpu_max_rss',
         'val_images': state.val_images, 'world_size': dist_util.get_world_size(),
         'skipped_images': state.skipped_images,
+        'recipe': recipes.settings(args, args.recipe_overrides),
+        **({'ema_best_acc': state.ema_best_acc, 'ema_final_acc': state.ema_final_acc} if args.model_ema else {}),
     }
 
 
@@ -463,7 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     main_process = rank == 0
     micro_batch = micro_batch_size(args, world)
-    warn_if_slow_precision(args, device, main_process)
+    announce(args, device, main_process)
     config = build_config(args)
     out_dir = Path(args.output_dir) / args.name
     resume_path = resume_from(args, out_dir, main_process)
@@ -476,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
                 'config': config.to_dict()}
     resume = read_resume(resume_path, identity, args, main_process)
     model = build_model(args, config, len(train_set.classes), resume, pretrained, main_process)
-    trained, optimization = build_optimization(args, model, device, world)
+    trained, optimization = build_optimization(args, model, device, world, micro_batch)
     data, val_loader = build_loaders(args, train_set, val_set, micro_batch, device)
     state = restore(resume, optimization, rank, world, main_process) if resume is not None else RunState()
     saver = CheckpointSaver(out_dir, main_process, resume_path, state.step)
@@ -493,11 +535,11 @@ def main(argv: list[str] | None = None) -> dict:
                 next_evaluation = min(args.num_steps, (state.step // args.eval_every + 1) * args.eval_every)
                 stats = train_until(trained, data, optimization, state, next_evaluation, LOG_EVERY, progress)
                 evaluation = evaluate(model, val_loader, optimization.precision, skipped=state.skipped_val)
-                improved = record_evaluation(state, evaluation)
+                averaged = evaluate_average(optimization, val_loader)
+                improved = record_evaluation(state, evaluation, averaged)
                 if main_process:
-                    log_to_tensorboard(writer, stats, evaluation, state.step)
-                    progress.write(f"step {state.step}: validation accuracy {evaluation.accuracy:.4f} "
-                                   f"(best {state.best_acc:.4f})")
+                    log_to_tensorboard(writer, stats, evaluation, state.step, averaged)
+                    progress.write(evaluation_line(state, evaluation, averaged))
                 state.seconds = time.time() - started
                 saver.save(checkpoint, state.step, improved)
     except FloatingPointError as error:

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath, calculate_drop_path_rates
 from torch import nn
 
 from .attention import Spans, as_grid, implementation_for, routed_attention, routed_attention_maps
@@ -112,30 +113,36 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block."""
+    """Pre-norm Transformer block; `drop_path` is the rate of stochastic depth on both residual branches."""
 
-    def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int], spans: Spans | None = None):
+    def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int], spans: Spans | None = None,
+                 drop_path: float = 0.0):
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
         self.attn = Attention(config, grid, spans)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
         self.ffn = Mlp(config)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # as timm's ViT Block
 
     def forward(self, x: torch.Tensor, return_map: bool = False):
         attended, attention_map = self.attn(self.attention_norm(x), return_map)
-        x = x + attended
-        return x + self.ffn(self.ffn_norm(x)), attention_map
+        x = x + self.drop_path(attended)
+        return x + self.drop_path(self.ffn(self.ffn_norm(x))), attention_map
 
 
 class Encoder(nn.Module):
     """The stack of blocks and the final norm; builds the `Spans` (orders checked against the grid, masks and layout
-    as buffers) that every block shares."""
+    as buffers) that every block shares.
 
-    def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int]):
+    Stochastic depth grows linearly over the blocks from 0 to `drop_path_rate`, timm's rule.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, grid: tuple[int, int], drop_path_rate: float = 0.0):
         super().__init__()
         orders = list(config.transformer.orders)
         self.spans = Spans(grid, orders) if orders else None
-        self.layer = nn.ModuleList(Block(config, grid, self.spans) for _ in range(config.transformer.num_layers))
+        rates = calculate_drop_path_rates(drop_path_rate, config.transformer.num_layers)
+        self.layer = nn.ModuleList(Block(config, grid, self.spans, rate) for rate in rates)
         self.encoder_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
 
     def forward(self, x: torch.Tensor, return_maps: bool = False):
@@ -147,10 +154,10 @@ class Encoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ml_collections.ConfigDict, img_size: tuple[int, int]):
+    def __init__(self, config: ml_collections.ConfigDict, img_size: tuple[int, int], drop_path_rate: float = 0.0):
         super().__init__()
         self.embeddings = Embeddings(config, img_size)
-        self.encoder = Encoder(config, self.embeddings.grid)
+        self.encoder = Encoder(config, self.embeddings.grid, drop_path_rate)
 
     def forward(self, x: torch.Tensor, return_maps: bool = False):
         return self.encoder(self.embeddings(x), return_maps)
@@ -160,17 +167,20 @@ class VisionTransformer(nn.Module):
     """ViT classifier; every block routes its attention over `config.transformer.orders` (TRAR).
 
     `orders=[]` gives a plain ViT with no routing parameters. `img_size` is an int or (h, w).
+    `drop_path_rate`: stochastic depth of the last block (a training setting, not part of the config).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, img_size: int | Sequence[int] = 224,
-                 num_classes: int = 21843, zero_head: bool = False):
+                 num_classes: int = 21843, zero_head: bool = False, drop_path_rate: float = 0.0):
         super().__init__()
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate {drop_path_rate}: expected a rate in [0, 1)")
         self.config = config
         self.img_size = as_grid(img_size)
         self.num_classes = num_classes
         self.zero_head = zero_head
         validate_config(config)
-        self.transformer = Transformer(config, self.img_size)
+        self.transformer = Transformer(config, self.img_size, drop_path_rate)
         self.grid = self.transformer.embeddings.grid
         check_routing(config.transformer.pooling, config.transformer.routing)
         _check_img_scale(config, self.grid)
@@ -221,6 +231,19 @@ class VisionTransformer(nn.Module):
         if not self.is_routed or alphas[0] is None:
             return None
         return torch.stack(alphas)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters timm's optimizer factory keeps free of weight decay (timm's ViT: pos_embed, cls_token)."""
+        return {'transformer.embeddings.position_embeddings', 'transformer.embeddings.cls_token'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth for timm's layer-wise lr decay, as timm's ViT: the embeddings are layer 0,
+        block i (its router included) layer i + 1, the final norm the last block's, the head (unmatched) the top."""
+        return dict(stem=r'^transformer\.embeddings',
+                    blocks=[(r'^transformer\.encoder\.layer\.(\d+)', None),
+                            (r'^transformer\.encoder\.encoder_norm', (99999,))])
 
     def set_tau(self, tau: float) -> None:
         """Set the Gumbel-softmax temperature of every router (hard routing)."""

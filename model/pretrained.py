@@ -210,13 +210,22 @@ class Pretrained:
         return found
 
 
-def read(path: str | Path) -> Pretrained:
-    """The weights of a pretrained file, renamed to this model's names; a one-line ValueError otherwise."""
+def read(path: str | Path, ema: bool = False) -> Pretrained:
+    """The weights of a pretrained file, renamed to this model's names; a one-line ValueError otherwise.
+
+    `ema`: the weight average a train.py checkpoint of a --model_ema run holds, instead of its live weights.
+    """
     path = Path(path)
     check_file(path, 'weights file', 'a weights file (.npz, .safetensors, .pth, .bin or .ckpt)')
-    if path.suffix == '.npz':
+    entries = None
+    if path.suffix != '.npz':
+        entries = _read_safetensors(path) if path.suffix == '.safetensors' else _read_torch(path)
+    if ema:
+        if not isinstance(entries, dict) or not isinstance(entries.get('ema_state_dict'), dict):
+            raise ValueError(f"{path} holds no EMA weights: expected a train.py checkpoint of a run with --model_ema")
+        entries = {**entries, 'state_dict': entries['ema_state_dict']}
+    if entries is None:
         return from_google_arrays(_read_npz(path), path)
-    entries = _read_safetensors(path) if path.suffix == '.safetensors' else _read_torch(path)
     return _from_state_dict(path, entries)
 
 

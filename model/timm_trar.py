@@ -197,7 +197,7 @@ class TimmViT(nn.Module):
 
     def __init__(self, config: ml_collections.ConfigDict, img_size: int | Sequence[int] | None = None,
                  num_classes: int | None = None, weights: str | Path | None = None, keep_head: bool = False,
-                 zero_head: bool = False):
+                 zero_head: bool = False, drop_path_rate: float = 0.0):
         super().__init__()
         t = config.transformer
         given = {key: value for key, value in (('img_size', img_size and as_grid(img_size)),
@@ -207,7 +207,7 @@ class TimmViT(nn.Module):
         try:
             self.vit = trar_vit(config.timm_name, list(t.orders), t.pooling, t.routing, binarize=t.binarize,
                                 router_dropout=t.dropout_rate, implementation=t.get('attention', 'auto'),
-                                weights=weights, **given)
+                                weights=weights, drop_path_rate=drop_path_rate, **given)
         except RuntimeError as error:  # timm's strict load: missing keys, other shapes
             raise ValueError(f"{weights}: timm cannot load it into {config.timm_name}: "
                              f"{' '.join(str(error).split())[:300]}") from None

@@ -5,8 +5,9 @@ import math
 import resource
 import time
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,8 @@ class RunState:
     final_acc: float | None = None
     seconds: float = 0.0
     val_images: int = 0  # images counted by the last evaluation
+    ema_best_acc: float = 0.0  # --model_ema: the weight average's accuracies
+    ema_final_acc: float | None = None
     # Indices of the unreadable files skipped (--skip_corrupt) by any process: each file counts once.
     skipped_train: list[int] = field(default_factory=list)
     skipped_val: list[int] = field(default_factory=list)
@@ -127,6 +130,11 @@ class Optimization:
     accumulation: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 0.0  # 0: no clipping
     tau: Callable[[int], float] | None = None  # hard routing: the Gumbel-softmax temperature of a step
+    # The recipe's parts (utils/recipes.py): the loss against the targets; mixup/cutmix as
+    # `mix(images, labels, step) -> (images, soft targets)`; timm's EMA of the weights, updated after every step.
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    mix: Callable | None = None
+    ema: Any = None  # timm.utils.ModelEmaV3
 
 
 @dataclass
@@ -207,7 +215,8 @@ def optimizer_steps(model: torch.nn.Module, loader, optimization: Optimization, 
         step_totals[2] += len(new)
         last_micro = micro_step % accumulation == 0
         with model.no_sync() if distributed and not last_micro else nullcontext():
-            loss = micro_batch_loss(model, images, labels, opt.precision, device)
+            loss = micro_batch_loss(model, images, labels, opt.precision, device, opt.criterion,
+                                    None if opt.mix is None else partial(opt.mix, step=state.step))
             opt.precision.backward(loss / accumulation)
         step_totals[0] += loss.detach()
         if not last_micro:
@@ -228,21 +237,26 @@ def optimizer_steps(model: torch.nn.Module, loader, optimization: Optimization, 
         opt.scheduler.step()
         opt.optimizer.zero_grad(set_to_none=True)
         state.step, state.epoch_step = state.step + 1, state.epoch_step + 1
+        if opt.ema is not None:
+            opt.ema.update(module, step=state.step)
         yield mean_loss, lr
 
 
 def micro_batch_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: Precision,
-                     device: torch.device) -> torch.Tensor:
-    """Cross-entropy of one micro-batch; one whose files were all skipped gives a zero-weighted stand-in, which
-    keeps DDP's processes in step."""
+                     device: torch.device, criterion: Callable = F.cross_entropy,
+                     mix: Callable | None = None) -> torch.Tensor:
+    """The loss (`criterion`, cross-entropy by default) of one micro-batch, mixed by `mix` if given; one whose files
+    were all skipped gives a zero-weighted stand-in, which keeps DDP's processes in step."""
     images = images.to(device=device, dtype=precision.model_dtype, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
     weight = 1.0
     if len(labels) == 0:
         images, labels, weight = images.new_zeros((1, *images.shape[1:])), labels.new_zeros(1), 0.0
+    if mix is not None:
+        images, labels = mix(images, labels)
     with precision.autocast():
         logits = model(images)
-    return F.cross_entropy(logits.float(), labels) * weight
+    return criterion(logits.float(), labels) * weight
 
 
 @dataclass

@@ -18,11 +18,21 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay_type: str) -
     return max(0.0, 1.0 - progress)
 
 
-def build_scheduler(optimizer: Optimizer, decay_type: str, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Warmup then decay, stepped once per optimizer step (after `optimizer.step()`)."""
+def build_scheduler(optimizer: Optimizer, decay_type: str, warmup_steps: int, total_steps: int,
+                    warmup_from: float = 0.0, decay_to: float = 0.0) -> LambdaLR:
+    """Warmup then decay, stepped once per optimizer step (after `optimizer.step()`).
+
+    The warmup starts from `warmup_from` and the decay ends at `decay_to`, as fractions of each group's peak lr
+    (timm's warmup_lr_init and lr_min over the peak lr; 0 and 0 give `lr_factor` itself, bit for bit).
+    """
     if decay_type not in DECAY_TYPES:
         raise ValueError(f"unknown decay_type {decay_type!r}; expected one of {DECAY_TYPES}")
-    return LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, decay_type))
+
+    def factor(step: int) -> float:
+        floor = warmup_from if step < warmup_steps else decay_to
+        return floor + (1.0 - floor) * lr_factor(step, warmup_steps, total_steps, decay_type)
+
+    return LambdaLR(optimizer, factor)
 
 
 def tau_at(step: int, total_steps: int, warmup_steps: int, tau_max: float, tau_min: float, policy: str) -> float:
