@@ -1,8 +1,9 @@
 """The model a weights file holds, for the tools that predict with it (eval.py, test.py, scripts/plot_routing.py).
 
 Every check a hand-edited or damaged file needs, in one place and before anything large is built: a train.py
-checkpoint's config, image size and class names of the right types and lengths; weights that are finite
-floating-point numbers; an image size whose attention fits in memory. Each failure is one ValueError line.
+checkpoint's config, image size and class names of the right types and lengths (its weights are finite
+floating-point numbers by model/pretrained.py's rule); an image size whose attention fits in memory. Each
+failure is one ValueError line.
 """
 import math
 from pathlib import Path
@@ -49,18 +50,6 @@ def _short(value) -> str:
     return f"a {type(value).__name__} ({text[:60]}{' ...' if len(text) > 60 else ''})"
 
 
-def check_finite(weights: pretrained.Pretrained) -> None:
-    """Every weight a finite floating-point number; else one line naming the first tensor that is not."""
-    for key, tensor in weights.tensors.items():
-        name = weights.file_key(key)
-        if not torch.is_floating_point(tensor):
-            raise ValueError(f"{weights.path}: tensor {name} holds {tensor.dtype} values; expected floating point")
-        if not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{weights.path}: tensor {name} holds {bad} NaN or infinite values; "
-                             "expected finite weights (a diverged or damaged checkpoint?)")
-
-
 def check_fits_memory(config: ml_collections.ConfigDict, img_size: int, batch: int, device: torch.device | str,
                       flag: str = '--img_size') -> None:
     """Refuse, before anything is built, an image size whose attention maps cannot fit in the device's memory."""
@@ -101,8 +90,7 @@ def load_model(path: str | Path, model_type: str = 'ViT-B_16', orders: list[int]
                device: torch.device | str = 'cpu') -> tuple[VisionTransformer, pretrained.Pretrained]:
     """The whole model `path` holds, in eval mode (model/pretrained.py's `build_model`), after every check."""
     weights = pretrained.read(path)
-    check_checkpoint_fields(weights)
-    check_finite(weights)
+    check_checkpoint_fields(weights)  # (finite floating-point weights: model/pretrained.py's check_weights)
     try:
         config = model_config(weights, model_type)
         size = img_size or (weights.checkpoint.get('img_size') if weights.layout == 'train.py' else None)
