@@ -169,7 +169,7 @@ def test_routing_picture_shows_the_validation_means_and_the_logged_history(runs,
     history = plot_routing.routing_history(run_dir)
     layers = len(history)
     assert sorted(history) == list(range(layers)) and all(sorted(h) == [0, 1, 2] for h in history.values())
-    assert history[0][0][0] == [10, 20]  # logged every 10th step and at the last
+    assert history[0][0][0] == [5, 10, 15, 20]  # logged every 10th step and at every evaluation (every 5th)
     fig = plot_routing.routing_layers_figure(weights, [0, 1, 2], history)
     heatmap, *panels = [ax for ax in fig.axes if ax.images or ax.lines]
     np.testing.assert_allclose(heatmap.images[0].get_array(), weights)
