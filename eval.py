@@ -8,23 +8,26 @@ Any file model/pretrained.py reads works (train.py checkpoints, Google .npz, tim
 dicts); its head must have the dataset's classes. Reports top-1 and top-5 accuracy, mean loss, the number
 of images and, for a routed model, the mean routing weight of every layer and order. Under torchrun each
 process evaluates a disjoint shard, so every image counts once. The summary is printed as one JSON line
-and written to --output_json.
+(NaN as null) and then written to --output_json, which is checked before the evaluation: it never replaces
+the checkpoint, an input, a file this project's tools did not write, or the summary of another checkpoint
+(utils/outputs.py).
 """
 import argparse
 import json
+import sys
 from functools import partial
 from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from model import pretrained, timm_trar
+from model import timm_trar
 from model.config import parse_orders
-from utils import dist_util
-from utils.data_utils import (DATASETS, DeviceBatches, ShardImages, UnreadableImage,
-                              collate_skipping_none, eval_pixels, evaluation_set, load_split,
-                              preprocess_of)
+from utils import dist_util, inference, outputs
+from utils.data_utils import (DATASETS, DeviceBatches, ShardImages, UnreadableImage, collate_skipping_none,
+                              eval_pixels, evaluation_set, load_split, preprocess_of)
 from utils.engine import Precision, evaluate
-from utils.errors import command_line
+from utils.errors import command_line, one_line
+from utils.files import describe
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +36,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--dataset', choices=DATASETS, default='cifar10')
     p.add_argument('--data_dir', default='./data', help='dataset root (imagenet: val/ below it)')
     p.add_argument('--output_json', default=None,
-                   help='where to write the summary (default: output/eval/<checkpoint name>-<dataset>.json)')
+                   help='where to write the summary, a .json file (default: '
+                        'output/eval/<checkpoint folder>_<checkpoint name>-<dataset>.json)')
     p.add_argument('--batch_size', type=int, default=64, help='per-process batch size')
     p.add_argument('--num_workers', type=int, default=4, help='data-loading processes per process')
     p.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
@@ -58,22 +62,47 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag} {value}: expected a positive integer")
     if args.num_workers < 0:
         p.error(f"--num_workers {args.num_workers}: expected a non-negative integer")
+    if args.orders is not None:
+        try:
+            parse_orders(args.orders)
+        except ValueError as error:
+            p.error(f"--orders {args.orders}: {one_line(error)}")
     return args
 
 
 def output_path(args: argparse.Namespace) -> Path:
-    return Path(args.output_json or Path('output') / 'eval' / f"{Path(args.ckpt).stem}-{args.dataset}.json")
+    """--output_json, or a name of the checkpoint's folder, the checkpoint and the dataset under output/eval/."""
+    if args.output_json:
+        return Path(args.output_json)
+    ckpt = Path(args.ckpt).resolve()
+    return Path('output') / 'eval' / f"{ckpt.parent.name}_{ckpt.stem}-{args.dataset}.json"
+
+
+def check_output(args: argparse.Namespace) -> Path:
+    """Where the summary goes, refused before the evaluation (utils/outputs.py's rule) and when it holds the
+    summary of another checkpoint."""
+    out = outputs.check_output(output_path(args), '--output_json', ('.json',), inputs=[args.ckpt])
+    if out.exists():
+        try:
+            previous = json.loads(out.read_text()).get('checkpoint')
+        except (ValueError, OSError, AttributeError):
+            previous = None
+        if previous is None or Path(previous).resolve() != Path(args.ckpt).resolve():
+            raise ValueError(f"--output_json {out} holds the summary of another checkpoint ({previous}); "
+                             "it is never replaced: pass another --output_json")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = get_args(argv)
     device = dist_util.init_distributed(args.device)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    out = output_path(args)
-    if out.is_dir():
-        raise ValueError(f"--output_json {out} is a folder; expected a file name")
+    out = check_output(args)  # every process: all fail together, before the evaluation
     orders = parse_orders(args.orders) if args.orders is not None else None
-    weights = None if timm_trar.is_timm(args.model_type) else pretrained.read(args.ckpt, ema=args.use_ema)
+    weights = None
+    if not timm_trar.is_timm(args.model_type):
+        model, weights = inference.load_model(args.ckpt, args.model_type, orders, args.img_size,
+                                              batch=args.batch_size, device=device, ema=args.use_ema)
     images = (ShardImages(args.shards, rank=rank, world_size=world, skip_corrupt=args.skip_corrupt) if args.shards
               else load_split(args.dataset, args.data_dir, False, args.skip_corrupt))
     if weights is None:  # a timm model's weights: a local file or hub id
@@ -81,8 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            len(images.classes))
         layout, trained_on = 'timm', None
     else:
-        model = pretrained.build_model(weights, args.model_type, orders, args.img_size)
-        layout, trained_on = weights.layout, weights.checkpoint.get('class_names')
+        layout, trained_on = weights.layout, inference.class_names_of(weights)
     if len(images.classes) != model.num_classes or (trained_on and list(trained_on) != list(images.classes)):
         raise ValueError(f"{args.ckpt} classifies {model.num_classes} classes"
                          f"{' of another dataset' if trained_on and len(trained_on) == len(images.classes) else ''}"
@@ -102,13 +130,20 @@ def main(argv: list[str] | None = None) -> dict:
         'images': result.images, 'top1': result.accuracy, 'top5': result.top5, 'loss': result.loss,
         'orders': list(model.config.transformer.orders), 'routing': result.routing, 'world_size': world,
     }
+    summary = outputs.finite_or_none(summary)  # JSON has no NaN: a NaN loss is null
     if rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=2) + '\n')
-        print(json.dumps(summary), flush=True)
+        print(json.dumps(summary, allow_nan=False), flush=True)  # first: a failed write loses nothing
+        if summary['loss'] is None:
+            print("warning: the mean loss is not finite: the model's outputs overflow", file=sys.stderr)
+        try:
+            outputs.write_text(out, outputs.json_text(summary, 'eval.py'))
+        except OSError as error:
+            raise ValueError(f"cannot write --output_json {out}: {describe(error)} (the summary is printed above)") \
+                from None
     dist_util.cleanup()
     return summary
 
 
 if __name__ == '__main__':
-    command_line(main, expected=(ValueError, OSError, UnreadableImage))
+    command_line(main, expected=(ValueError, OSError, UnreadableImage),
+                 interrupted='interrupted (Ctrl-C): nothing was written')

@@ -19,18 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.backend_bases import FigureCanvasBase
+import matplotlib.pyplot as plt
 from PIL import Image
 
-from model import pretrained, timm_trar
+from model import timm_trar
 from model.config import parse_orders
 from model.modeling import VisionTransformer
-from utils import data_utils
+from utils import data_utils, inference, outputs
 from utils.data_utils import (DATASETS, UnreadableImage, class_names, get_eval_transform, imagenet_1k_names,
                               is_image_file, preprocess_of)
-from utils.files import describe, ensure_writable, write_atomic
+from utils.files import describe
 from utils.errors import command_line, one_line
-from utils.visualize import cls_attention, save_routing_plot
+from utils.visualize import cls_attention, routing_figure
 
 
 class InputError(Exception):
@@ -62,8 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help='take class names from this dataset (default: ImageNet-1k names for 1000 classes)')
     weights.add_argument('--data_dir', default='./data', help='where --dataset lives')
     args = parser.parse_args(argv)
-    if args.topk < 1:
-        parser.error(f"--topk must be at least 1, got {args.topk}")
+    for flag in ('topk', 'img_size', 'num_classes'):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} {value}: expected a positive integer")
+    if args.orders is not None:
+        try:
+            parse_orders(args.orders)
+        except ValueError as error:
+            parser.error(f"--orders {args.orders}: {one_line(error)}")
     return args
 
 
@@ -83,12 +90,12 @@ def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, list[str]]:
             model = timm_trar.pretrained_model(args.model_type, args.ckpt, orders or [], args.img_size,
                                                args.num_classes)
             return model, names_for(model.num_classes, args)
-        weights = pretrained.read(path, ema=args.use_ema)
-        model = pretrained.build_model(weights, args.model_type, orders, args.img_size, args.num_classes)
+        model, weights = inference.load_model(path, args.model_type, orders, args.img_size, args.num_classes,
+                                              device=args.device, ema=args.use_ema)
     except ValueError as error:
         raise InputError(one_line(error, limit=None)) from None
     if weights.layout == 'train.py':
-        return model, list(weights.checkpoint.get('class_names') or default_class_names(model.num_classes))
+        return model, inference.class_names_of(weights) or default_class_names(model.num_classes)
     return model, names_for(model.num_classes, args)
 
 
@@ -140,6 +147,9 @@ def read_image(path: Path) -> Image.Image:
 def predict(model: VisionTransformer, x: torch.Tensor, names: list[str], topk: int) -> dict:
     """Top-k classes of one preprocessed image (1, 3, H, W), and the routing weights used."""
     probs = model(x).float().softmax(-1)[0]
+    if not torch.isfinite(probs).all():
+        raise InputError("the model's output is not finite (NaN or infinite): expected finite logits; "
+                         "try without --device cuda's lower precision, or check the checkpoint")
     values, indices = probs.topk(min(topk, probs.numel()))
     result = {
         'index': int(indices[0]),
@@ -168,40 +178,34 @@ def draw_routing(model: VisionTransformer, x: torch.Tensor, result: dict, out: P
     routing = np.asarray(result['routing']) if 'routing' in result else None
     probability = result['topk'][0][2]
     title = f"{name}: predicted {result['label']} ({probability:.0%})"
+    fig = routing_figure(shown, attention, routing, model.config.transformer.orders, title)
     try:  # all of the picture or none of it, even on a full disk
-        write_atomic(out, lambda tmp: save_routing_plot(str(tmp), shown, attention, routing,
-                                                        model.config.transformer.orders, title))
+        outputs.save_figure(fig, out, 'test.py', dpi=120)
     except OSError as error:
         raise InputError(f"cannot write --routing_plot {out}: {describe(error)}") from None
+    finally:
+        plt.close(fig)
 
 
-def plot_paths(out: str, images: list[Path]) -> dict[Path, Path]:
-    """Where each image's routing picture goes, checked before the model is loaded.
+def plot_paths(out: str, images: list[Path], ckpt: str) -> dict[Path, Path]:
+    """Where each image's routing picture goes, checked before the model is loaded (utils/outputs.py's rule).
 
     One image: `out`. Several: `out`'s stem + `_<image stem>` for each, or `_<image name>` for images whose
-    stem another one shares (a.jpg, a.png). Refused: a format matplotlib cannot write, a folder that cannot
-    be written, and pictures that would overwrite an input image or each other.
+    stem another one shares (a.jpg, a.png). Refused: pictures that would share one file, and any that
+    `outputs.check_figure` refuses (another format than .png/.pdf/.svg, an input image or the checkpoint,
+    a file this project did not write, a place that cannot be written).
     """
     out = Path(out)
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if out.suffix[1:].lower() not in formats:
-        raise InputError(f"--routing_plot {out}: expected a file name ending in one of "
-                         f"{', '.join('.' + name for name in sorted(formats))}")
     stems = Counter(image.stem for image in images)
     plots = {image: out.with_name(f"{out.stem}_{image.stem if stems[image.stem] == 1 else image.name}{out.suffix}")
              for image in images} if len(images) > 1 else {images[0]: out}
-    inputs = {image.resolve() for image in images}
-    for image, plot in plots.items():
-        if plot.resolve() in inputs:
-            raise InputError(f"--routing_plot {out}: the picture of {image} would overwrite the input image {plot}")
-        if plot.is_dir():
-            raise InputError(f"--routing_plot {plot} is a folder: expected a file name like routing.png")
     if len(set(plots.values())) < len(plots):
         raise InputError(f"--routing_plot {out}: two images would share one picture; expected distinct image names")
     try:
-        ensure_writable(out.parent)
-    except OSError as error:
-        raise InputError(f"--routing_plot {out}: cannot write in {out.parent}: {describe(error)}") from None
+        for plot in plots.values():
+            outputs.check_figure(plot, '--routing_plot', inputs=[*images, ckpt])
+    except ValueError as error:
+        raise InputError(str(error)) from None
     return plots
 
 
@@ -210,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for, but no CUDA device is available")
     paths = image_paths(Path(args.image))
-    plots = plot_paths(args.routing_plot, paths) if args.routing_plot else {}
+    plots = plot_paths(args.routing_plot, paths, args.ckpt) if args.routing_plot else {}
     model, names = load_model(args)
     model.to(args.device)
     transform = get_eval_transform(model.img_size[0], preprocess_of(model))

@@ -58,11 +58,9 @@ class StackedViT(VisionTransformer):
             modeling.routed_attention = original
 
 
-# `--preset demo`: the demo model of scripts/demo.sh (keep the two in step), a 4-layer, 64-wide ViT on 32-px images
-# with 4-px patches (65 tokens), 10 classes, batch 32.
-PRESETS = {'demo': dict(model_type='testing', img_size=32, batch=32, orders='0,1,2', num_classes=10,
-                        config={'hidden_size': 64, 'transformer.num_layers': 4, 'transformer.num_heads': 4,
-                                'transformer.mlp_dim': 128})}
+# `--preset demo`: the model scripts/demo.sh trains (model/config.py's `demo`: a 4-layer, 64-wide ViT) on
+# 32-px images with 4-px patches (65 tokens), 10 classes, batch 32.
+PRESETS = {'demo': dict(model_type='demo', img_size=32, batch=32, orders='0,1,2', num_classes=10)}
 
 
 def model_config(args):

@@ -59,6 +59,18 @@ def get_testing():
     return _vit_config(patch=4, hidden=32, mlp=64, heads=2, layers=2, orders=(0, 1))
 
 
+def get_demo_config():
+    """The demo's model (scripts/demo.sh trains it on 32-px digits; benchmarks/bench.py --preset demo times it).
+
+    A 4-layer, 64-wide ViT with 4-px patches (an 8x8 grid on 32-px images), every block routed over global
+    attention (order 0), the 3x3 (order 1) and the 5x5 neighbourhood (order 2); no dropout (the demo uses
+    weight decay instead).
+    """
+    config = _vit_config(patch=4, hidden=64, mlp=128, heads=4, layers=4, orders=(0, 1, 2))
+    config.transformer.dropout_rate = 0.0
+    return config
+
+
 def get_b16_config():
     """ViT-B/16 with the original TRAR defaults: orders [0, 1, 2], avg pooling, soft routing."""
     return _vit_config(patch=16, hidden=768, mlp=3072, heads=12, layers=12)
@@ -91,6 +103,7 @@ CONFIGS = {
     'ViT-L_32': get_l32_config(),
     'ViT-H_14': get_h14_config(),
     'testing': get_testing(),
+    'demo': get_demo_config(),
 }
 
 

@@ -9,8 +9,12 @@
 #                                   # to docs/convergence.png, the statistics to output/compare/summary.{json,md},
 #                                   # and what the first seed's routers learned to docs/routing_layers.png
 #
-# Settings from the environment: SEEDS (a count N for seeds 1..N, or a list such as "3 7 11"; default 5),
-# NUM_STEPS (1200), WARMUP_STEPS (50), EVAL_EVERY (50), OUTPUT_DIR (output), DOCS_DIR (docs), PY (.venv/bin/python).
+# Settings from the environment: SEEDS (a count N for seeds 1..N, or a list of distinct seeds such as "3 7 11";
+# default 5), NUM_STEPS (1200), WARMUP_STEPS (50), EVAL_EVERY (50), OUTPUT_DIR (output), DOCS_DIR (docs),
+# PY (.venv/bin/python).
+#
+# It replaces only run folders it made itself (they hold a $MARK file): a folder of the same name that it
+# did not make is refused before any training, and left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -20,26 +24,38 @@ NUM_STEPS=${NUM_STEPS:-1200}
 WARMUP_STEPS=${WARMUP_STEPS:-50}
 EVAL_EVERY=${EVAL_EVERY:-50}
 SEEDS=${SEEDS:-5}
+MARK=.made-by-demo.sh  # in every run folder this script made, and only those
 
-# A 4-layer, 64-wide ViT on 32-px digits with 4-px patches (an 8x8 grid, one token per pixel of the 8x8
-# originals), every block routed over global attention (order 0), the 3x3 (order 1) and the 5x5
-# neighbourhood (order 2). No dropout and no augmentation (flips would turn digits into other shapes);
-# weight decay instead. SGD with warmup and cosine decay, as train.py always uses.
+# The `demo` model of model/config.py (a 4-layer, 64-wide routed ViT) on 32-px digits with 4-px patches (an
+# 8x8 grid, one token per pixel of the 8x8 originals). No augmentation (flips would turn digits into other
+# shapes); weight decay instead. SGD with warmup and cosine decay, as train.py always uses.
 DEMO_ARGS=(
-  --dataset digits --model_type testing --img_size 32 --orders 0,1,2
-  --set hidden_size=64 --set transformer.num_layers=4 --set transformer.num_heads=4
-  --set transformer.mlp_dim=128 --set transformer.dropout_rate=0.0
+  --dataset digits --model_type demo --img_size 32
   --num_steps "$NUM_STEPS" --warmup_steps "$WARMUP_STEPS" --eval_every "$EVAL_EVERY" --learning_rate 0.1 --weight_decay 5e-4
   --train_batch_size 32 --eval_batch_size 360 --augment none --num_workers 0
   --pretrained_dir none --device cpu --output_dir "$OUTPUT_DIR"
 )
 
+check_ours() {  # check_ours NAME...: every run folder that exists was made by this script
+  local name
+  for name in "$@"; do
+    if [[ -e $OUTPUT_DIR/$name && ! -e $OUTPUT_DIR/$name/$MARK ]]; then
+      echo "demo.sh: error: $OUTPUT_DIR/$name exists and was not made by demo.sh: it is never replaced;" \
+           "move it or set OUTPUT_DIR to another folder" >&2
+      return 1
+    fi
+  done
+}
+
 train() {  # train NAME [extra train.py arguments]
   local name=$1 start=$SECONDS
   shift
+  check_ours "$name"
   echo "== training run '$name' (logs in $OUTPUT_DIR/$name/)"
-  rm -rf "${OUTPUT_DIR:?}/$name"  # a fresh run each time: old event files would mix into the curves
-  "$PY" train.py --name "$name" "${DEMO_ARGS[@]}" "$@"
+  mkdir -p "$OUTPUT_DIR/$name"
+  echo "made by scripts/demo.sh, which replaces this run when it runs again" >"$OUTPUT_DIR/$name/$MARK"
+  # a fresh run each time (old event files would mix into the curves): train.py replaces only its own files
+  "$PY" train.py --name "$name" "${DEMO_ARGS[@]}" --overwrite "$@"
   "$PY" - "$OUTPUT_DIR/$name/results.json" $((SECONDS - start)) <<'PYTHON'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -49,6 +65,7 @@ PYTHON
 }
 
 demo() {
+  check_ours demo
   train demo
   echo "== predicting the digits in pic/ (file names give the true label)"
   "$PY" test.py --ckpt "$OUTPUT_DIR/demo/best.ckpt" --image pic/
@@ -56,11 +73,20 @@ demo() {
   echo "== wrote $OUTPUT_DIR/demo/routing.png: the last layer's CLS attention and each layer's routing weights"
 }
 
-seed_list() {  # SEEDS as one seed a line: one number N means seeds 1..N, several numbers are the seeds
+seed_list() {  # SEEDS as one seed a line: one number N means seeds 1..N, several distinct numbers are the seeds
+  local seed seen=' '
   if [[ $SEEDS =~ ^[[:space:]]*[1-9][0-9]*[[:space:]]*$ ]]; then
-    seq 1 $((SEEDS))
+    seq 1 $((10#${SEEDS//[[:space:]]/}))
   elif [[ $SEEDS =~ ^[[:space:]]*[0-9]+([[:space:]]+[0-9]+)+[[:space:]]*$ ]]; then
-    xargs -n 1 <<<"$SEEDS"
+    for seed in $SEEDS; do
+      seed=$((10#$seed))  # 007 is seed 7
+      if [[ $seen == *" $seed "* ]]; then
+        echo "demo.sh: error: SEEDS='$SEEDS' gives seed $seed twice; expected distinct seeds" >&2
+        return 2
+      fi
+      seen+="$seed "
+    done
+    xargs -n 1 <<<"$seen"
   else
     echo "demo.sh: error: SEEDS='$SEEDS'; expected a count (5 for seeds 1 to 5) or several seeds (\"3 7 11\")" >&2
     return 2
@@ -70,6 +96,9 @@ seed_list() {  # SEEDS as one seed a line: one number N means seeds 1..N, severa
 compare() {
   local seeds seed trar=() plain=()
   seeds=$(seed_list)
+  for seed in $seeds; do  # every run folder checked before the first run trains
+    check_ours "demo_trar_seed$seed" "demo_plain_seed$seed"
+  done
   for seed in $seeds; do
     train "demo_trar_seed$seed" --seed "$seed"
     train "demo_plain_seed$seed" --seed "$seed" --orders none

@@ -8,11 +8,13 @@ the mean curve over its runs with a band from the lowest to the highest run at e
 curve), and reports steps to `--threshold`, best and final accuracy as mean ± sample sd over the runs.
 With two models of as many runs, the runs are paired in the order given (the same seed, when the
 checkpoints record seeds: a mismatch is an error) and the per-seed differences (first model − second)
-are reported too. `--summary PATH` writes PATH.json and a markdown table to PATH.md.
+are reported too. `--summary PATH` writes PATH.json and a markdown table to PATH.md. Every argument and output place is
+checked before the logs are read (utils/outputs.py's rule); an error is one line naming this script.
 """
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -22,13 +24,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils import outputs, tool  # noqa: E402
+from utils.checkpoint import read as read_checkpoint  # noqa: E402
+
+TOOL = 'plot_curves.py'
 METRICS = ('steps_to_threshold', 'best_acc', 'final_acc', 'seconds')
 
 
 def read_scalars(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     """Every scalar train.py logged under `run_dir`: tag -> (steps, values), sorted by step."""
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder {run_dir} does not exist or is not a folder: expected a train.py run folder")
     if not any(run_dir.rglob('events.out.tfevents.*')):
-        raise SystemExit(f"{Path(__file__).name}: error: no TensorBoard event files under {run_dir}")
+        raise ValueError(f"no TensorBoard event files under {run_dir}: expected a train.py run folder")
     events = EventAccumulator(str(run_dir), size_guidance={'scalars': 0})
     events.Reload()
     scalars = {}
@@ -44,10 +53,10 @@ def read_curve(run_dir: Path, tag: str | None = None) -> tuple[str, list[int], l
     if tag is None:
         candidates = [t for t in scalars if 'acc' in t.lower()]
         if len(candidates) != 1:
-            raise SystemExit(f"plot_curves.py: error: pick one of {sorted(scalars)} with --tag (found {candidates})")
+            raise ValueError(f"pick one of {sorted(scalars)} with --tag (found {candidates})")
         tag = candidates[0]
     elif tag not in scalars:
-        raise SystemExit(f"plot_curves.py: error: {run_dir} has no scalar {tag!r}; it has {sorted(scalars)}")
+        raise ValueError(f"{run_dir} has no scalar {tag!r}; it has {sorted(scalars)}")
     return (tag, *scalars[tag])
 
 
@@ -59,20 +68,31 @@ def first_step_reaching(steps: list[int], values: list[float], threshold: float)
 def run_seed(run_dir: Path) -> int | None:
     """The seed a run was trained with, from its last checkpoint's arguments (None without one)."""
     checkpoint = run_dir / 'last.ckpt'
-    if not checkpoint.is_file():
+    if not checkpoint.exists():
         return None
-    import torch  # only here: reading curves alone needs no torch
-    return torch.load(checkpoint, map_location='cpu', weights_only=True).get('args', {}).get('seed')
+    args = read_checkpoint(checkpoint).get('args')  # a truncated file: one line naming it
+    seed = args.get('seed') if isinstance(args, dict) else None
+    return seed if isinstance(seed, int) else None
+
+
+def run_seconds(run_dir: Path) -> float | None:
+    """The training seconds a run's results.json records (None without the file)."""
+    results = run_dir / 'results.json'
+    if not results.exists():
+        return None
+    try:
+        seconds = json.loads(results.read_text()).get('seconds')
+    except (ValueError, OSError, AttributeError) as error:
+        raise ValueError(f"{results} is not the JSON object train.py writes: {tool.message(error)}") from None
+    return seconds if isinstance(seconds, (int, float)) else None
 
 
 def run_record(run_dir: Path, tag: str | None, threshold: float) -> dict:
     """One run's curve and figures: steps to threshold (None if never), best and final value, training seconds."""
     tag, steps, values = read_curve(run_dir, tag)
-    results = run_dir / 'results.json'
-    seconds = json.loads(results.read_text()).get('seconds') if results.is_file() else None
     return {'run': str(run_dir), 'seed': run_seed(run_dir), 'tag': tag, 'steps': steps, 'values': values,
             'steps_to_threshold': first_step_reaching(steps, values, threshold),
-            'best_acc': max(values), 'final_acc': values[-1], 'seconds': seconds}
+            'best_acc': max(values), 'final_acc': values[-1], 'seconds': run_seconds(run_dir)}
 
 
 def describe(values: list[float | None]) -> dict:
@@ -92,7 +112,7 @@ def paired_difference(first: list[dict], second: list[dict]) -> dict:
     """Per pair of runs (same position, same seed), first − second for every metric both runs have."""
     for a, b in zip(first, second):
         if a['seed'] is not None and b['seed'] is not None and a['seed'] != b['seed']:
-            raise SystemExit(f"plot_curves.py: error: {a['run']} (seed {a['seed']}) is paired with {b['run']} "
+            raise ValueError(f"{a['run']} (seed {a['seed']}) is paired with {b['run']} "
                              f"(seed {b['seed']}); give both models' runs in the same seed order")
     return {'seeds': [a['seed'] for a in first],
             **{metric: describe([None if a[metric] is None or b[metric] is None else a[metric] - b[metric]
@@ -150,7 +170,7 @@ def plot(models: list[tuple[str, list[dict]]], threshold: float, title: str) -> 
         steps = runs[0]['steps']
         for run in runs[1:]:
             if run['steps'] != steps:
-                raise SystemExit(f"plot_curves.py: error: {run['run']} was evaluated at other steps than "
+                raise ValueError(f"{run['run']} was evaluated at other steps than "
                                  f"{runs[0]['run']}; the runs of one model must share their evaluation steps")
         values = np.array([run['values'] for run in runs])
         reached = describe([run['steps_to_threshold'] for run in runs])
@@ -177,7 +197,7 @@ def plot(models: list[tuple[str, list[dict]]], threshold: float, title: str) -> 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(prog=TOOL, description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', nargs='+', action='append', required=True, metavar=('LABEL', 'RUN'),
                         help="a legend name and that model's run folders (TensorBoard logs inside); repeat per model")
     parser.add_argument('--tag', default=None, help="scalar to plot (default: the one with 'acc' in its name)")
@@ -189,28 +209,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for model in args.model:
         if len(model) < 2:
             parser.error(f"--model {model[0]!r} names no run folder: expected --model LABEL RUN [RUN ...]")
+        for run in model[1:]:
+            if not Path(run).is_dir():
+                parser.error(f"--model {model[0]!r}: run folder {run} does not exist or is not a folder")
+    if not 0 <= args.threshold <= 1:
+        parser.error(f"--threshold {args.threshold}: expected an accuracy between 0 and 1")
     return args
+
+
+def summary_paths(summary: Path | None) -> dict[str, Path]:
+    """SUMMARY.json and SUMMARY.md, or nothing."""
+    return {} if summary is None else {suffix: summary.with_name(summary.name + suffix) for suffix in ('.json', '.md')}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    outputs.check_figure(args.out, '--out')  # before the logs are read: a bad place fails first
+    tables = summary_paths(args.summary)
+    for suffix, path in tables.items():
+        outputs.check_output(path, '--summary', (suffix,))
     models = [(label, [run_record(Path(run), args.tag, args.threshold) for run in runs])
               for label, *runs in args.model]
     summary = summarize(models, args.threshold)
     print(markdown(summary), end='')
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     fig = plot(models, args.threshold, args.title)
-    fig.savefig(args.out, dpi=120)
-    plt.close(fig)
+    try:
+        outputs.save_figure(fig, args.out, TOOL, dpi=120)
+    finally:
+        plt.close(fig)
     print(f"wrote {args.out}")
-    if args.summary is not None:
-        args.summary.parent.mkdir(parents=True, exist_ok=True)
-        for suffix, text in (('.json', json.dumps(summary, indent=2) + '\n'), ('.md', markdown(summary))):
-            path = args.summary.with_name(args.summary.name + suffix)
-            path.write_text(text)
-            print(f"wrote {path}")
+    for suffix, path in tables.items():
+        outputs.write_text(path, outputs.json_text(summary, TOOL) if suffix == '.json'
+                           else markdown(summary) + f"\n<!-- {outputs.mark(TOOL)} -->\n")
+        print(f"wrote {path}")
     return summary
 
 
 if __name__ == '__main__':
-    main()
+    tool.run(main, TOOL)

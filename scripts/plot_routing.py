@@ -7,10 +7,10 @@ checkpoint (`last.ckpt`, the trained model, unless `--ckpt` names another). Righ
 weights moved during training, from the `routing/layerLL_orderO` scalars train.py writes to TensorBoard
 (the mean over the training batch of every 10th step). It is the dataset-level counterpart of the
 per-image picture `test.py --routing_plot` draws. The mean weights are also printed and, with
-`--json PATH`, written to a file.
+`--json PATH`, written to a file. Every argument and output place is checked before the model is evaluated
+(utils/outputs.py's rule); an error is one line naming this script.
 """
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -19,7 +19,6 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -27,23 +26,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model.modeling import VisionTransformer  # noqa: E402
 from plot_curves import read_scalars  # noqa: E402
-from utils import checkpoint as checkpoints  # noqa: E402
+from utils import inference, outputs, tool  # noqa: E402
 from utils.data_utils import Augmented, collate_skipping_none, get_eval_transform, load_split  # noqa: E402
 from utils.engine import Precision, evaluate  # noqa: E402
 from utils.visualize import draw_routing, order_label  # noqa: E402
 
+TOOL = 'plot_routing.py'
 ROUTING_TAG = re.compile(r'routing/layer(\d+)_order(\d+)$')
 
 
-def load_trained(path: Path) -> tuple[VisionTransformer, dict]:
-    """The model a train.py checkpoint holds, in eval mode, and the checkpoint."""
-    checkpoint = checkpoints.load(path)
-    model = VisionTransformer(ml_collections.ConfigDict(checkpoint['config']), checkpoint['img_size'],
-                              checkpoint['num_classes'])
-    model.load_state_dict(checkpoint['state_dict'])
+def load_trained(path: Path, batch_size: int = 1) -> tuple[VisionTransformer, dict]:
+    """The routed model a train.py checkpoint holds, in eval mode, and the checkpoint's other entries
+    (utils/inference.py's checks: a truncated, hand-edited or non-finite file is one line)."""
+    model, weights = inference.load_model(path, batch=batch_size)
+    if weights.layout != 'train.py' or not isinstance(weights.checkpoint.get('args'), dict):
+        raise ValueError(f"{path} is not a checkpoint written by train.py (it records the run's dataset): "
+                         "expected a run's last.ckpt or best.ckpt")
     if not model.is_routed:
-        raise SystemExit(f"plot_routing.py: error: {path} holds a plain ViT (no orders): it has no routing to show")
-    return model.eval(), checkpoint
+        raise ValueError(f"{path} holds a plain ViT (no orders): it has no routing to show")
+    return model, weights.checkpoint
 
 
 def mean_routing_weights(model: VisionTransformer, loader: DataLoader) -> tuple[np.ndarray, float]:
@@ -52,9 +53,14 @@ def mean_routing_weights(model: VisionTransformer, loader: DataLoader) -> tuple[
     return np.array(result.routing), result.accuracy
 
 
-def validation_loader(args: dict, img_size: int, batch_size: int) -> DataLoader:
-    """The run's validation set with training's evaluation transform."""
-    images = load_split(args['dataset'], args.get('data_dir', './data'), False, args.get('skip_corrupt', False))
+def validation_loader(args: dict, img_size: int, batch_size: int, data_dir: str | None = None) -> DataLoader:
+    """The run's validation set with training's evaluation transform (from `data_dir` if the data moved)."""
+    data_dir = data_dir or args.get('data_dir', './data')
+    try:
+        images = load_split(args['dataset'], data_dir, False, args.get('skip_corrupt', False))
+    except (FileNotFoundError, RuntimeError, OSError) as error:  # torchvision raises RuntimeError for missing data
+        raise ValueError(f"the run's {args['dataset']} data is not at {data_dir}: {tool.message(error)}; "
+                         "pass --data_dir where it is now") from None
     dataset = Augmented(images, get_eval_transform(img_size), args.get('seed', 0))
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping_none, num_workers=0)
 
@@ -67,8 +73,17 @@ def routing_history(run_dir: Path) -> dict[int, dict[int, tuple[list[int], list[
         if match:
             history.setdefault(int(match[1]), {})[int(match[2])] = curve
     if not history:
-        raise SystemExit(f"plot_routing.py: error: {run_dir} has no routing/layerLL_orderO scalars: not a routed run")
+        raise ValueError(f"{run_dir} has no routing/layerLL_orderO scalars: not a routed run")
     return dict(sorted(history.items()))
+
+
+def check_history_matches(history: dict, layers: int, orders: list[int], run_dir: Path, ckpt: Path) -> None:
+    """The logged routing is of the checkpoint's model: the same layers and orders."""
+    logged = (len(history), sorted({order for layer in history.values() for order in layer}))
+    if sorted(history) != list(range(layers)) or logged[1] != sorted(orders) \
+            or any(sorted(layer) != sorted(orders) for layer in history.values()):
+        raise ValueError(f"{ckpt} ({layers} layers, orders {orders}) is not the model whose routing {run_dir} "
+                         f"logged ({logged[0]} layers, orders {logged[1]}): expected a checkpoint of that run")
 
 
 def routing_layers_figure(weights: np.ndarray, orders: list[int],
@@ -103,38 +118,51 @@ def routing_layers_figure(weights: np.ndarray, orders: list[int],
     return fig
 
 
-def main(argv: list[str] | None = None) -> np.ndarray:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=TOOL, description=__doc__.split('\n\n')[0])
     parser.add_argument('run', type=Path, help="a routed run's output folder (checkpoint and TensorBoard logs)")
     parser.add_argument('--ckpt', type=Path, default=None, help='the model to evaluate (default: RUN/last.ckpt)')
     parser.add_argument('--out', type=Path, default=Path('docs/routing_layers.png'))
     parser.add_argument('--json', type=Path, default=None, help='also write the mean weights here')
     parser.add_argument('--batch_size', type=int, default=256)
+    parser.add_argument('--data_dir', default=None, help="the run's dataset root (default: where it was trained)")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size {args.batch_size}: expected a positive integer")
+    if not args.run.is_dir():
+        parser.error(f"run folder {args.run} does not exist or is not a folder: expected a train.py run folder")
+    return args
+
+
+def main(argv: list[str] | None = None) -> np.ndarray:
+    args = parse_args(argv)
     ckpt = args.ckpt or args.run / 'last.ckpt'
-    try:
-        model, checkpoint = load_trained(ckpt)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"plot_routing.py: error: {error}") from None
+    outputs.check_figure(args.out, '--out', inputs=[ckpt])  # before the model is evaluated: a bad place fails first
+    if args.json is not None:
+        outputs.check_output(args.json, '--json', ('.json',), inputs=[ckpt])
+    model, checkpoint = load_trained(ckpt, args.batch_size)
     orders = list(model.config.transformer.orders)
-    run_args = checkpoint.get('args', {})
-    weights, accuracy = mean_routing_weights(model, validation_loader(run_args, checkpoint['img_size'], args.batch_size))
-    print(f"{ckpt}: step {checkpoint.get('step')}, validation accuracy {accuracy:.2%}; mean routing weights:")
     history = routing_history(args.run)
+    check_history_matches(history, model.config.transformer.num_layers, orders, args.run, ckpt)
+    run_args = checkpoint['args']
+    loader = validation_loader(run_args, model.img_size[0], args.batch_size, args.data_dir)
+    weights, accuracy = mean_routing_weights(model, loader)
+    print(f"{ckpt}: step {checkpoint.get('step')}, validation accuracy {accuracy:.2%}; mean routing weights:")
     for layer, row in enumerate(weights):
         print(f"layer {layer}: " + ', '.join(f"order {o} ({order_label(o)}) {w:.3f}" for o, w in zip(orders, row)))
     title = f"What the routers of {args.run.name} learned ({run_args.get('dataset', '?')}, seed {run_args.get('seed', '?')})"
     fig = routing_layers_figure(weights, orders, history, title)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    plt.close(fig)
+    try:
+        outputs.save_figure(fig, args.out, TOOL, dpi=120)
+    finally:
+        plt.close(fig)
     print(f"wrote {args.out}")
     if args.json is not None:
-        args.json.write_text(json.dumps({'checkpoint': str(ckpt), 'step': checkpoint.get('step'),
-                                         'accuracy': accuracy, 'orders': orders,
-                                         'mean_routing_weights': weights.tolist()}, indent=2) + '\n')
+        outputs.write_text(args.json, outputs.json_text({'checkpoint': str(ckpt), 'step': checkpoint.get('step'),
+                                                         'accuracy': accuracy, 'orders': orders,
+                                                         'mean_routing_weights': weights.tolist()}, TOOL))
     return weights
 
 
 if __name__ == '__main__':
-    main()
+    tool.run(main, TOOL)

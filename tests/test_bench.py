@@ -53,23 +53,6 @@ def test_bench_prints_every_table():
     assert list(table_rows(run.stdout, '| inference (no grad) |')) == ['plain', 'trar soft', 'trar binarized']
 
 
-def test_demo_preset_is_the_demo_scripts_model():
-    """`--preset demo` builds what scripts/demo.sh trains: its --set fields, image size, orders and batch."""
-    import argparse
-
-    preset = bench.PRESETS['demo']
-    demo = (ROOT / 'scripts' / 'demo.sh').read_text()
-    for key, value in preset['config'].items():
-        assert f'--set {key}={value}' in demo
-    for flag in (f"--model_type {preset['model_type']}", f"--img_size {preset['img_size']}",
-                 f"--orders {preset['orders']}", f"--train_batch_size {preset['batch']}"):
-        assert flag in demo
-    model = bench.build('trar', argparse.Namespace(**preset))
-    attention = model.transformer.encoder.layer[0].attn
-    assert (model.config.hidden_size, len(model.transformer.encoder.layer), attention.num_heads) == (64, 4, 4)
-    assert model.grid == (8, 8) and attention.spans.orders == (0, 1, 2) and model.head.out_features == 10
-
-
 @pytest.mark.parametrize('flags, message', [
     (['--batch', '0'], '--batch 0: expected an integer of at least 1'),
     (['--repeats', '0'], '--repeats 0: expected an integer of at least 1'),

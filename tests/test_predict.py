@@ -262,3 +262,60 @@ def test_process_exit_status_and_stderr_without_traceback(trained, tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 1 and done.stdout == ''
     assert done.stderr.count('\n') == 1 and 'Traceback' not in done.stderr and str(path) in done.stderr
+
+
+def edited(trained: Path, folder: Path, edit) -> Path:
+    """A hand-edited copy of the checkpoint."""
+    checkpoint = torch.load(trained, map_location='cpu', weights_only=True)
+    edit(checkpoint)
+    path = folder / 'edited.ckpt'
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize('edit, expected', [
+    (lambda c: c.update(class_names='abcdefghij'), "its 'class_names' is a str ('abcdefghij'); expected a list"),
+    (lambda c: c.update(class_names=['zero', 'one']), 'it names 2 classes but its head has 10'),
+    (lambda c: c.update(config='testing'), "its 'config' is a str; expected the dict train.py writes"),
+    (lambda c: c['state_dict']['transformer.embeddings.cls_token'].fill_(float('nan')),
+     'transformer.embeddings.cls_token holds NaN or infinite values; expected finite weights'),
+    (lambda c: c['state_dict']['head.bias'].__setitem__(0, float('-inf')), 'head.bias holds NaN or infinite values'),
+])
+def test_hand_edited_or_non_finite_checkpoints_give_one_line_not_wrong_labels(trained, tmp_path, capsys, edit,
+                                                                              expected):
+    ckpt = edited(trained, tmp_path, edit)
+    status, out, err = run_cli(capsys, '--ckpt', ckpt, '--image', ROOT / 'pic' / '1.jpg')
+    assert status == 1 and out == [] and len(err) == 1 and err[0].startswith(f'test.py: error: {ckpt}: {expected}')
+
+
+def test_an_image_size_beyond_memory_is_refused_before_anything_is_built(trained, capsys, monkeypatch):
+    monkeypatch.setattr(cli.inference.pretrained, 'build_model', lambda *a: pytest.fail('built the model'))
+    status, out, err = run_cli(capsys, '--ckpt', trained, '--image', ROOT / 'pic' / '1.jpg', '--img_size', 100000)
+    assert status == 1 and out == [] and len(err) == 1
+    assert err[0].startswith('test.py: error: --img_size 100000: 625000001 tokens need about ')
+    assert err[0].endswith('GiB available; expected a smaller image size')
+
+
+@pytest.mark.parametrize('name, expected', [
+    ('routing.jpg', 'expected a file name ending in .pdf, .png or .svg'),
+    ('digit_4.png', 'is an input of this run'),
+    ('notes.png', 'exists and was not written by this project'),
+    ('edited.ckpt', 'a checkpoint or weights file is never written over'),
+])
+def test_routing_plot_never_replaces_an_input_or_a_file_it_did_not_write(trained, tmp_path, capsys, name, expected):
+    Image.fromarray(digit_image(4)).save(tmp_path / 'digit_4.png')
+    (tmp_path / 'notes.png').write_bytes(b'my picture')
+    kept = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    status, out, err = run_cli(capsys, '--ckpt', trained, '--image', tmp_path / 'digit_4.png',
+                               '--routing_plot', tmp_path / name)
+    assert status == 1 and out == [] and len(err) == 1 and expected in err[0], err
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == kept
+
+
+@pytest.mark.parametrize('suffix', ['.png', '.pdf', '.svg'])
+def test_routing_plot_it_wrote_it_may_write_again(trained, tmp_path, capsys, suffix):
+    out = tmp_path / f'routing{suffix}'
+    for _ in range(2):
+        status, _, err = run_cli(capsys, '--ckpt', trained, '--image', ROOT / 'pic' / '1.jpg', '--routing_plot', out)
+        assert status == 0 and err == []
+    assert b'written by TRAR-ViT test.py' in out.read_bytes()
