@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
                                       collate_fn=partial(collate_skipping_none, image_shape=(3, img_size, img_size))),
                            device, preprocess)
     precision = Precision.from_args(args.fp16, 'O1', args.amp_dtype, 0, device)
+    if rank == 0:  # the long work starts here
+        print(f"eval.py: evaluating {args.ckpt} on {args.shards or args.dataset}; the summary goes to {out}",
+              file=sys.stderr, flush=True)
     result = evaluate(model.to(device), loader, precision)
     summary = {
         'checkpoint': str(args.ckpt), 'ema': args.use_ema, 'layout': layout, 'dataset': args.dataset,

@@ -215,12 +215,17 @@ def test_a_one_dimensional_npz_is_one_line(tmp_path):
 @pytest.mark.parametrize('workers', [0, 2])
 def test_ctrl_c_is_one_line_and_status_130(trained, tmp_path, workers):
     _, ckpt = trained
+    # 128 px (1025 tokens) one image a batch: seconds of evaluation after the line that says it starts
     process = subprocess.Popen([sys.executable, 'eval.py', *eval_args(ckpt, tmp_path / 'x.json', '--batch_size', '1',
-                                                                      '--num_workers', str(workers))],
+                                                                      '--img_size', '128', '--num_workers',
+                                                                      str(workers))],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, 'PYTHONUNBUFFERED': '1'})
-    time.sleep(20)  # imports, model and loader started: evaluating (360 batches of one image)
+    started = process.stderr.readline()
+    assert started.startswith('eval.py: evaluating'), started
+    time.sleep(1)  # the loader (and its workers) running
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and err.strip().splitlines() == ['error: interrupted (Ctrl-C): nothing was written']
+    assert process.returncode == 130 and err.strip().splitlines() == ['error: interrupted (Ctrl-C): nothing was written'], \
+        (process.returncode, err[-2000:])
     assert out == '' and not (tmp_path / 'x.json').exists()

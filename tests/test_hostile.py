@@ -242,15 +242,15 @@ def test_routing_plots_never_overwrite_an_input_or_each_other_and_are_checked_fi
     images = [tmp_path / name for name in ('a.jpg', 'a.png', 'b.png')]
     for image in images:
         Image.new('RGB', (8, 8)).save(image)
-    plots = cli.plot_paths(str(tmp_path / 'out' / 'r.png'), images)
+    plots = cli.plot_paths(str(tmp_path / 'out' / 'r.png'), images, str(tmp_path / 'model.ckpt'))
     assert {image.name: plot.name for image, plot in plots.items()} == {
         'a.jpg': 'r_a.jpg.png', 'a.png': 'r_a.png.png', 'b.png': 'r_b.png'}
     before = images[1].read_bytes()
     (tmp_path / 'file').write_text('not a folder')
     missing = tmp_path / 'missing.ckpt'  # the plot is refused before any model is loaded
-    for plot, message in ((images[1], f'the picture of {images[1]} would overwrite the input image'),
-                          (tmp_path / 'r.xyz', r"r\.xyz: expected a file name ending in one of .*\.png"),
-                          (tmp_path / 'file' / 'r.png', f"cannot write in {tmp_path / 'file'}")):
+    for plot, message in ((images[1], f'--routing_plot {images[1]} is an input of this run .*: it is never written over'),
+                          (tmp_path / 'r.xyz', r"r\.xyz: expected a file name ending in .*\.png"),
+                          (tmp_path / 'file' / 'r.png', f"{tmp_path / 'file'} is a file, not a folder")):
         status = cli.main(['--ckpt', str(missing), '--image', str(images[1]), '--routing_plot', str(plot)])
         err = capsys.readouterr().err.splitlines()
         assert status == 1 and len(err) == 1 and re.search(message, err[0]), err

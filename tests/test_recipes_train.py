@@ -2,47 +2,28 @@
 RandAugment on the loader workers, drop path, layer-decay groups) and evaluates, live and EMA weights."""
 import importlib.util
 import json
-import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from train_helpers import ROOT, run_train, tiny_args
+from train_helpers import ROOT, killed_and_resumed, tiny_args
 
 STEPS = 6
 _spec = importlib.util.spec_from_file_location('predict_cli', ROOT / 'test.py')
 predict_cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(predict_cli)
-ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
 @pytest.mark.parametrize('recipe,extra', [('deit', ['--layer_decay', '0.75']), ('mae', ['--orders', 'none'])])
 def test_recipe_trains_resumes_exactly_after_sigkill_and_evaluates(tmp_path, capsys, recipe, extra):
     # tiny_args' SGD lr is too high for AdamW; a short run needs an EMA that moves
     flags = ['--recipe', recipe, *extra, '--learning_rate', '1e-3', '--model_ema_decay', '0.9']
-    whole_log = tmp_path / 'whole.log'
-    with open(whole_log, 'w') as log:
-        whole = subprocess.Popen([sys.executable, 'train.py', *tiny_args(tmp_path, 'whole', *flags, steps=STEPS)],
-                                 cwd=ROOT, env=ONE_THREAD, stdout=log, stderr=subprocess.STDOUT)
     args = tiny_args(tmp_path, 'killed', *flags, '--num_workers', '2', steps=STEPS)  # augmented in the workers
-    killed = subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, env=ONE_THREAD,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / 'killed' / 'last.ckpt'
-    deadline = time.time() + 240
-    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    killed.kill()
-    killed.wait()
-    assert 0 < torch.load(checkpoint, weights_only=True)['step'] < STEPS, 'the run must be killed mid-way'
-
-    resumed = run_train(args + ['--resume_path', str(checkpoint)], env=ONE_THREAD)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert whole.wait(timeout=300) == 0, whole_log.read_text()[-2000:]
-    final, expected = torch.load(checkpoint, weights_only=True), torch.load(tmp_path / 'whole' / 'last.ckpt',
-                                                                          weights_only=True)
+    resumed, _, checkpoint, whole = killed_and_resumed(tmp_path, tiny_args(tmp_path, 'whole', *flags, steps=STEPS),
+                                                       args, STEPS)
+    final, expected = torch.load(checkpoint, weights_only=True), torch.load(whole, weights_only=True)
     assert final['step'] == STEPS
     for key, value in expected['state_dict'].items():
         assert torch.equal(final['state_dict'][key], value), key

@@ -53,6 +53,8 @@ def _short(value) -> str:
 def check_fits_memory(config: ml_collections.ConfigDict, img_size: int, batch: int, device: torch.device | str,
                       flag: str = '--img_size') -> None:
     """Refuse, before anything is built, an image size whose attention maps cannot fit in the device's memory."""
+    if 'patches' not in config:  # a timm model's architecture is timm's, known once it is built
+        return
     patch = as_grid(config.patches.size)
     tokens = 1 + math.ceil(img_size / patch[0]) * math.ceil(img_size / patch[1])
     # a lower bound: one layer's float32 (tokens, tokens) scores per head and image, as unfused attention holds them
