@@ -60,16 +60,16 @@ WATCHDOG_GRACE = 45.0  # seconds past --budget before the watchdog writes the ta
 DEFAULT_BUDGET = {True: 600.0, False: 480.0}  # --dry checks that it runs, not how fast; a GPU run fits 600 s
 
 # The `tests` section's pytest arguments, most valuable first (pytest runs them in this order): each group is a
-# name and its node ids. The Triton kernels' interpreted tests and tests/test_flex.py run in the CPU suite.
-CUDA_TESTS = 'tests/test_attention_cuda.py::'
+# name and its node ids. The Triton kernels' interpreted tests and tests/attention/test_flex.py run in the CPU suite.
+CUDA_TESTS = 'tests/attention/test_attention_cuda.py::'
 TESTS = (
-    ('triton vs float64 and flash', 'tests/test_triton_kernel.py::test_cuda_error_no_worse_than_flash_sdpa'),
+    ('triton vs float64 and flash', 'tests/attention/test_triton_kernel.py::test_cuda_error_no_worse_than_flash_sdpa'),
     ('implementations vs float64', CUDA_TESTS + 'test_implementation_matches_formula_forward_and_backward'),
     ('binarized vs float64', CUDA_TESTS + 'test_binarized_dispatch_matches_formula'),
     ('sync audit', CUDA_TESTS + 'test_training_step_never_waits_for_the_host'),
     ('flex vs float64', CUDA_TESTS + 'test_flex_matches_formula_forward_and_backward'),
     ('flex graph breaks', CUDA_TESTS + 'test_compiled_model_has_no_graph_break_on_cuda'),
-    ('end to end', 'tests/test_cuda_training.py'),
+    ('end to end', 'tests/training/test_cuda_training.py'),
 )
 
 
@@ -662,7 +662,7 @@ def section_tune(check: Check) -> str:
     if not picks:
         raise RuntimeError('no setting measured')
     if not check.cuda:
-        picks.append('Triton sweep needs CUDA (tests/test_gpu_check.py runs it under TRITON_INTERPRET)')
+        picks.append('Triton sweep needs CUDA (tests/scripts/test_gpu_check.py runs it under TRITON_INTERPRET)')
     return '; '.join(picks)
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from utils.data_utils import (Augmented, ShardImages, Skipped, UnreadableImage, collate_skipping_none, eval_pixels,
                               load_split, train_pixels)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / 'scripts'))
 import make_shards  # noqa: E402
 

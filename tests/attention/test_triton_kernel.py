@@ -4,7 +4,7 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors (fp32 and f
 bf16 `tl.dot` is wrong, so bf16 is checked on CUDA only). Triton reads TRITON_INTERPRET when it decorates
 a function with `@triton.jit`, its own library functions (`tl.zeros`, `tl.sum`, ...) included, so it must
 be set before triton is first imported: the interpreted runs happen in one child process
-(`python -m tests.test_triton_kernel JOBS RESULTS`), and this process compares their results.
+(`python -m tests.attention.test_triton_kernel JOBS RESULTS`), and this process compares their results.
 """
 import os
 import subprocess
@@ -23,7 +23,7 @@ import triton.language as tl  # noqa: E402
 
 import model.attention.triton_kernel as triton_kernel  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CASES = [  # (batch, heads, grid, orders, head_dim, prefix tokens); CPU blocks are 16 tokens
     (2, 1, (6, 6), [2, 0, 1], 32, 1),   # 37 tokens: three blocks, unsorted orders
@@ -122,7 +122,8 @@ def interpreted(tmp_path_factory):
     folder = tmp_path_factory.mktemp('interpreter')
     torch.save({'jobs': [([t.detach() for t in tensors], *rest) for tensors, *rest in jobs], 'bands': BANDS},
                folder / 'jobs.pt')
-    child = subprocess.run([sys.executable, '-m', 'tests.test_triton_kernel', folder / 'jobs.pt', folder / 'results.pt'],
+    child = subprocess.run([sys.executable, '-m', 'tests.attention.test_triton_kernel', folder / 'jobs.pt',
+                            folder / 'results.pt'],
                            cwd=ROOT, env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True,
                            timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
@@ -221,7 +222,7 @@ def index_scalars_of_one_element():
     interpreter._patch_lang_tensor = patched
 
 
-if __name__ == '__main__':  # the interpreter's child process: python -m tests.test_triton_kernel JOBS RESULTS
+if __name__ == '__main__':  # the interpreter's child process: python -m tests.attention.test_triton_kernel JOBS RESULTS
     index_scalars_of_one_element()
     payload = torch.load(sys.argv[1])
     torch.save({'jobs': run_jobs(payload['jobs']), 'bands': run_bands(payload['bands'])}, sys.argv[2])

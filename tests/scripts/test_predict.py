@@ -17,7 +17,7 @@ from model.modeling import VisionTransformer
 from official_npz import make_official_weights, numpy_vit_logits
 from utils.data_utils import get_eval_transform
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location('predict_cli', ROOT / 'test.py')
 cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli)

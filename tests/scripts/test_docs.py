@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / 'README.md'
 DOCS = [README, *sorted((ROOT / 'docs').glob('*.md'))]
 README_MAX_BYTES = 12 * 1024  # a front page, as MAE's (5.7 KB) and nanoGPT's (14 KB) are

@@ -86,7 +86,7 @@ def test_tests_run_most_valuable_first_and_leave_none_out():
     assert groups == sorted(groups, key=order.index)  # pytest keeps the given order
     formula = [node for node, group in zip(collected, groups) if group == 'implementations vs float64']
     assert formula[0].split('[')[1].startswith('triton') and not any('[flex' in node for node in formula)
-    for path in ('tests/test_attention_cuda.py', 'tests/test_cuda_training.py'):  # every test function of both
+    for path in ('tests/attention/test_attention_cuda.py', 'tests/training/test_cuda_training.py'):  # every test function of both
         defined = set(re.findall(r'^def (test_\w+)', (ROOT / path).read_text(), flags=re.M))
         assert defined == {node.split('::')[1].split('[')[0] for node in collected if node.startswith(path)}, path
 
@@ -139,7 +139,7 @@ def test_triton_sweep_picks_among_launch_configurations_under_the_interpreter(tm
     setting is restored afterwards."""
     pytest.importorskip('triton', reason='Triton is not installed')
     code = ("import argparse, json\n"
-            "from tests.test_triton_kernel import index_scalars_of_one_element\n"
+            "from tests.attention.test_triton_kernel import index_scalars_of_one_element\n"
             "index_scalars_of_one_element()\n"
             "g.import_project()\n"
             "from model.attention import triton_kernel as tk\n"

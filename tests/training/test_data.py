@@ -15,7 +15,7 @@ from utils.data_utils import (Augmented, ShardedSampler, UnreadableImage, check_
                               imagenet_names, load_split, scan_image_folder, to_rgb)
 from utils.scheduler import build_scheduler, lr_factor, tau_at
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_digits_split_is_fixed_disjoint_and_complete():

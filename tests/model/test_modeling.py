@@ -9,7 +9,7 @@ from model.config import CONFIGS, get_config
 from model.modeling import VisionTransformer
 from official_npz import make_official_weights, numpy_vit_logits
 
-REFERENCE_KEYS = Path(__file__).parent / 'data' / 'vit_pytorch_b16_state_dict.txt'
+REFERENCE_KEYS = Path(__file__).parents[1] / 'data' / 'vit_pytorch_b16_state_dict.txt'
 
 
 def plain(model_type: str = 'testing'):
