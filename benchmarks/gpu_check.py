@@ -369,7 +369,7 @@ def section_tests(check: Check) -> str:
 
 
 def tests_present() -> list[Path]:
-    return [p.relative_to(ROOT) for p in (ROOT / 'tests').glob('test_*.py')]
+    return [p.relative_to(ROOT) for p in (ROOT / 'tests').rglob('test_*.py')]
 
 
 def step_measure(check: Check, args: argparse.Namespace, variant: str, name: str | None = None) -> Callable[[], dict]:

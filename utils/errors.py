@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from typing import Callable, NoReturn
 
 from model.reading import one_line  # the tools' one-line messages
@@ -141,6 +142,15 @@ def lost_a_peer(error: BaseException) -> bool:
         mark in text for mark in ('Connection closed by peer', 'Connection reset by peer', 'gloo', 'NCCL'))
 
 
+def _quiet_fd_sharing(exc_type: type, error: BaseException, tb) -> None:
+    """`sys.excepthook`, minus what multiprocessing's fd-sharing thread reports (through this hook) when a loader
+    worker it was serving dies mid-handshake: Ctrl-C reaches the workers too, and the tool reports the interrupt
+    itself. Anything else prints as usual."""
+    if any(frame.filename.endswith('resource_sharer.py') for frame in traceback.extract_tb(tb)):
+        return
+    sys.__excepthook__(exc_type, error, tb)
+
+
 def command_line(main: Callable[[], object], expected: tuple[type[BaseException], ...] = (ValueError, OSError),
                  interrupted: str = 'interrupted') -> NoReturn:
     """Run a tool's `main()` and exit: with its result when that is an int (else 0), or with one line.
@@ -149,6 +159,7 @@ def command_line(main: Callable[[], object], expected: tuple[type[BaseException]
     `interrupted` and status 130. A process of a multi-process run that only lost a peer exits quietly, status 1.
     Anything else is a bug and keeps its traceback.
     """
+    sys.excepthook = _quiet_fd_sharing
     try:
         result = main()
     except RunError as error:

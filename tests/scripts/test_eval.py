@@ -229,3 +229,18 @@ def test_ctrl_c_is_one_line_and_status_130(trained, tmp_path, workers):
     assert process.returncode == 130 and err.strip().splitlines() == ['error: interrupted (Ctrl-C): nothing was written'], \
         (process.returncode, err[-2000:])
     assert out == '' and not (tmp_path / 'x.json').exists()
+
+
+def test_the_fd_sharing_threads_report_of_a_dead_loader_worker_is_dropped_others_print(capsys):
+    """multiprocessing's resource_sharer thread reports through sys.excepthook when a loader worker killed by the
+    same Ctrl-C dies mid-handshake: the tools' exit drops that report, not any other."""
+    from utils.errors import _quiet_fd_sharing
+    scope = {}
+    exec(compile("def _serve():\n    raise EOFError('peer gone')\n", 'multiprocessing/resource_sharer.py', 'exec'),
+         scope)
+    for raising, printed in ((scope['_serve'], False), (lambda: int('x'), True)):
+        try:
+            raising()
+        except Exception:
+            _quiet_fd_sharing(*sys.exc_info())
+        assert ('Traceback' in capsys.readouterr().err) == printed
