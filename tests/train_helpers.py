@@ -56,3 +56,12 @@ def killed_and_resumed(out_dir: Path, whole_args: list[str], killed_args: list[s
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert whole.wait(timeout=300) == 0, whole_log.read_text()[-2000:]
     return resumed, killed_at, checkpoint, out_dir / whole_args[whole_args.index('--name') + 1] / 'last.ckpt'
+
+
+def edited_checkpoint(source: Path, folder: Path, edit) -> Path:
+    """A hand-edited copy of a checkpoint: `edit` changes the loaded dict in place; saved as folder/edited.ckpt."""
+    checkpoint = torch.load(source, map_location='cpu', weights_only=True)
+    edit(checkpoint)
+    path = folder / 'edited.ckpt'
+    torch.save(checkpoint, path)
+    return path

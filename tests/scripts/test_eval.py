@@ -18,7 +18,7 @@ from PIL import Image
 
 import train
 from model.modeling import VisionTransformer
-from train_helpers import ROOT, tiny_args
+from train_helpers import ROOT, edited_checkpoint, tiny_args
 from utils.data_utils import digits_split, get_eval_transform
 
 _spec = importlib.util.spec_from_file_location('eval_cli', ROOT / 'eval.py')
@@ -181,14 +181,6 @@ def test_a_nan_loss_is_written_as_json_null(trained, tmp_path, monkeypatch, caps
     assert 'warning: the mean loss is not finite' in capsys.readouterr().err
 
 
-def hand_edited(ckpt, tmp_path, edit):
-    checkpoint = torch.load(ckpt, map_location='cpu', weights_only=True)
-    edit(checkpoint)
-    path = tmp_path / 'edited.ckpt'
-    torch.save(checkpoint, path)
-    return path
-
-
 @pytest.mark.parametrize('edit, expected', [
     (lambda c: c.update(config='ViT-B_16'), r"its 'config' is a str; expected the dict train\.py writes"),
     (lambda c: c.update(class_names=c['class_names'][:3]), r'it names 3 classes but its head has 10'),
@@ -199,7 +191,7 @@ def hand_edited(ckpt, tmp_path, edit):
 def test_hand_edited_and_non_finite_checkpoints_are_one_line(trained, tmp_path, edit, expected):
     _, ckpt = trained
     with pytest.raises(ValueError, match=expected):
-        eval_cli.main(eval_args(hand_edited(ckpt, tmp_path, edit), tmp_path / 'x.json'))
+        eval_cli.main(eval_args(edited_checkpoint(ckpt, tmp_path, edit), tmp_path / 'x.json'))
     assert not (tmp_path / 'x.json').exists()
 
 

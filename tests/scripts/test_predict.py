@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from model.config import get_config
 from model.modeling import VisionTransformer
 from official_npz import make_official_weights, numpy_vit_logits
+from train_helpers import edited_checkpoint
 from utils.data_utils import get_eval_transform
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,15 +265,6 @@ def test_process_exit_status_and_stderr_without_traceback(trained, tmp_path):
     assert done.stderr.count('\n') == 1 and 'Traceback' not in done.stderr and str(path) in done.stderr
 
 
-def edited(trained: Path, folder: Path, edit) -> Path:
-    """A hand-edited copy of the checkpoint."""
-    checkpoint = torch.load(trained, map_location='cpu', weights_only=True)
-    edit(checkpoint)
-    path = folder / 'edited.ckpt'
-    torch.save(checkpoint, path)
-    return path
-
-
 @pytest.mark.parametrize('edit, expected', [
     (lambda c: c.update(class_names='abcdefghij'), "its 'class_names' is a str ('abcdefghij'); expected a list"),
     (lambda c: c.update(class_names=['zero', 'one']), 'it names 2 classes but its head has 10'),
@@ -283,7 +275,7 @@ def edited(trained: Path, folder: Path, edit) -> Path:
 ])
 def test_hand_edited_or_non_finite_checkpoints_give_one_line_not_wrong_labels(trained, tmp_path, capsys, edit,
                                                                               expected):
-    ckpt = edited(trained, tmp_path, edit)
+    ckpt = edited_checkpoint(trained, tmp_path, edit)
     status, out, err = run_cli(capsys, '--ckpt', ckpt, '--image', ROOT / 'pic' / '1.jpg')
     assert status == 1 and out == [] and len(err) == 1 and err[0].startswith(f'test.py: error: {ckpt}: {expected}')
 
