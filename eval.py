@@ -26,8 +26,9 @@ from utils import dist_util, inference, outputs
 from utils.data_utils import (DATASETS, DeviceBatches, ShardImages, UnreadableImage, collate_skipping_none,
                               eval_pixels, evaluation_set, load_split, preprocess_of)
 from utils.engine import Precision, evaluate
-from utils.errors import command_line, one_line
+from utils.errors import command_line
 from utils.files import describe
+from utils.tool import check_arguments
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,17 +57,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--img_size', type=int, default=None,
                    help="default: the checkpoint's (train.py) or its position embeddings' size")
     args = p.parse_args(argv)
-    for flag in ('batch_size', 'img_size'):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag} {value}: expected a positive integer")
+    check_arguments(p, args, positive=('batch_size', 'img_size'))
     if args.num_workers < 0:
         p.error(f"--num_workers {args.num_workers}: expected a non-negative integer")
-    if args.orders is not None:
-        try:
-            parse_orders(args.orders)
-        except ValueError as error:
-            p.error(f"--orders {args.orders}: {one_line(error)}")
     return args
 
 

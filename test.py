@@ -29,6 +29,7 @@ from utils import data_utils, inference, outputs
 from utils.data_utils import (DATASETS, UnreadableImage, class_names, get_eval_transform, imagenet_1k_names,
                               is_image_file, preprocess_of)
 from utils.files import describe
+from utils.tool import check_arguments
 from utils.errors import command_line, one_line
 from utils.visualize import cls_attention, routing_figure
 
@@ -62,15 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help='take class names from this dataset (default: ImageNet-1k names for 1000 classes)')
     weights.add_argument('--data_dir', default='./data', help='where --dataset lives')
     args = parser.parse_args(argv)
-    for flag in ('topk', 'img_size', 'num_classes'):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag} {value}: expected a positive integer")
-    if args.orders is not None:
-        try:
-            parse_orders(args.orders)
-        except ValueError as error:
-            parser.error(f"--orders {args.orders}: {one_line(error)}")
+    check_arguments(parser, args, positive=('topk', 'img_size', 'num_classes'))
     return args
 
 

@@ -3,8 +3,11 @@
 The scripts raise ValueError (bad arguments or files, one line each) and let OSError through (a full disk);
 `run` prints either as one line naming the script that failed, never a traceback.
 """
+import argparse
 import sys
 from typing import Callable, NoReturn
+
+from model.config import parse_orders
 
 from utils.data_utils import UnreadableImage
 from utils.errors import one_line
@@ -33,3 +36,16 @@ def run(main: Callable[[list[str] | None], object], tool: str, argv: list[str] |
         print(f"{tool}: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.exit(130)
     sys.exit(0)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, positive: tuple[str, ...]) -> None:
+    """Refuse, one line each before any work, a `positive` flag below 1 and `--orders` that do not parse."""
+    for flag in positive:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} {value}: expected a positive integer")
+    if args.orders is not None:
+        try:
+            parse_orders(args.orders)
+        except ValueError as error:
+            parser.error(f"--orders {args.orders}: {one_line(error)}")
