@@ -75,3 +75,29 @@ class DeviceAudit(TorchFunctionMode):
 def device_audit():
     """A `DeviceAudit` to run code under: `with device_audit: ...`, then `assert device_audit.undevised == []`."""
     return DeviceAudit()
+
+
+def routed_inputs(batch, heads, grid, orders, head_dim, prefix=1, seed=0):
+    """Seeded float64 (q, k, v, masks, alphas) for routed attention over `grid` with `orders`, gradients on."""
+    from model.attention import span_masks
+    torch.manual_seed(seed)
+    n = prefix + grid[0] * grid[1]
+    q, k, v = (torch.randn(batch, heads, n, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    alphas = torch.randn(batch, len(orders), dtype=torch.float64).softmax(-1).requires_grad_()
+    return q, k, v, span_masks(grid, orders, prefix), alphas
+
+
+def index_scalars_of_one_element():
+    """Let Triton 3.6's interpreter take loop bounds computed from the program id.
+
+    Its scalars are NumPy arrays of shape (1,), and it turns them into ints with `int(array)`, which
+    NumPy 2.4 refuses; Triton 3.8 squeezes them first, as this does.
+    """
+    from triton.runtime import interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, '__index__', lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched

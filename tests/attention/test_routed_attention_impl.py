@@ -11,7 +11,7 @@ import model.attention.shared_scores as shared_scores
 import model.attention.shared_scores_cpu as shared_scores_cpu
 from model.attention import Spans, routed_attention, span_layout, span_masks
 from model.attention.shared_scores import shared_scores_attention
-from tests.conftest import assert_matches_reference, reference_routed_attention
+from tests.conftest import assert_matches_reference, reference_routed_attention, routed_inputs as inputs
 
 CASES = [  # (batch, heads, grid, orders, head_dim, prefix tokens)
     (2, 2, (4, 4), [0, 1, 2], 8, 1),
@@ -23,13 +23,6 @@ CASES = [  # (batch, heads, grid, orders, head_dim, prefix tokens)
     (2, 1, (3, 3), [0], 4, 1),        # global only
 ]
 
-
-def inputs(batch, heads, grid, orders, head_dim, prefix=1, seed=0):
-    torch.manual_seed(seed)
-    n = prefix + grid[0] * grid[1]
-    q, k, v = (torch.randn(batch, heads, n, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    alphas = torch.randn(batch, len(orders), dtype=torch.float64).softmax(-1).requires_grad_()
-    return q, k, v, span_masks(grid, orders, prefix), alphas
 
 
 def through_interface(grid, orders, prefix=1, **kwargs):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from model.attention import span_masks
-from tests.conftest import reference_routed_attention
+from tests.conftest import index_scalars_of_one_element, reference_routed_attention
 
 triton = pytest.importorskip('triton', reason='Triton is not installed')
 import triton.language as tl  # noqa: E402
@@ -204,22 +204,6 @@ def test_cuda_error_no_worse_than_flash_sdpa(dtype, grid, orders):
     for name, mine, theirs in zip(('out', 'q', 'k', 'v'), routed_error, flash_error):
         assert mine <= 2 * theirs, f'{name}: relative error {mine:.3g} vs flash SDPA {theirs:.3g}'
     assert routed_error[4] <= 1e-2, f'alphas: relative error {routed_error[4]:.3g}'
-
-
-def index_scalars_of_one_element():
-    """Let Triton 3.6's interpreter take loop bounds computed from the program id.
-
-    Its scalars are NumPy arrays of shape (1,), and it turns them into ints with `int(array)`, which
-    NumPy 2.4 refuses; Triton 3.8 squeezes them first, as this does.
-    """
-    from triton.runtime import interpreter
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, '__index__', lambda self: int(self.handle.data.squeeze()))
-
-    interpreter._patch_lang_tensor = patched
 
 
 if __name__ == '__main__':  # the interpreter's child process: python -m tests.attention.test_triton_kernel JOBS RESULTS

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.attention import Spans, routed_attention
-from tests.attention.test_routed_attention_impl import inputs
+from tests.conftest import routed_inputs as inputs
 from tests.train_helpers import ROOT
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))

@@ -139,7 +139,7 @@ def test_triton_sweep_picks_among_launch_configurations_under_the_interpreter(tm
     setting is restored afterwards."""
     pytest.importorskip('triton', reason='Triton is not installed')
     code = ("import argparse, json\n"
-            "from tests.attention.test_triton_kernel import index_scalars_of_one_element\n"
+            "from tests.conftest import index_scalars_of_one_element\n"
             "index_scalars_of_one_element()\n"
             "g.import_project()\n"
             "from model.attention import triton_kernel as tk\n"
