@@ -23,7 +23,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 import torch
-from scipy import ndimage
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer, _load_weights
 
 from .attention import as_grid
@@ -412,7 +412,8 @@ def resize_posemb(posemb: torch.Tensor, grid: tuple[int, int], path: Path | str 
     """A (1, [1 +] g*g, D) position embedding as (1, 1 + grid_h*grid_w, D).
 
     A table without a class position (big_vision, timm's no_embed_class) gets a zero one; another grid is
-    resized as the official code does (scipy zoom, order 1).
+    resized as the official code does (scipy zoom, order 1), which is timm's `resample_abs_pos_embed` bilinear
+    with the corners aligned and no antialiasing (in float32).
     """
     if posemb.dim() == 2:
         posemb = posemb[None]
@@ -429,11 +430,9 @@ def resize_posemb(posemb: torch.Tensor, grid: tuple[int, int], path: Path | str 
                          f"nor this model's 1 + {grid[0]}x{grid[1]}")
     if tokens == wanted + 1:
         return posemb
-    side = math.isqrt(tokens - 1)
-    patches = posemb[0, 1:].double().numpy().reshape(side, side, -1)
-    patches = ndimage.zoom(patches, (grid[0] / side, grid[1] / side, 1), order=1)
-    patches = torch.from_numpy(patches.reshape(1, wanted, -1)).to(posemb.dtype)
-    return torch.cat([posemb[:, :1], patches], dim=1)
+    side = math.isqrt(tokens - 1)  # scipy's zoom of order 1 is bilinear with the corners aligned, not antialiased
+    return resample_abs_pos_embed(posemb, list(grid), [side, side], num_prefix_tokens=1, interpolation='bilinear',
+                                  antialias=False, align_corners=True)
 
 
 def _is_square(n: int) -> bool:
