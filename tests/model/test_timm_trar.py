@@ -198,6 +198,15 @@ def test_hub_weights_from_a_local_cache_without_network(tmp_path, monkeypatch):
             assert (model(x) - source(x)).abs().max() <= 1e-5
 
 
+def test_weights_neither_on_disk_nor_in_the_hub_cache_are_named_in_one_line(tmp_path, monkeypatch):
+    offline_hub(tmp_path / 'hf', monkeypatch, {})
+    for source in ('hf-hub:nobody/none', str(tmp_path / 'missing.safetensors')):
+        with pytest.raises(ValueError) as error:
+            trar_vit('vit_base_patch16_224', [0], weights=source, **TINY)
+        message = str(error.value)
+        assert f'weights {source} are neither a local file nor a hub repository' in message and '\n' not in message
+
+
 @pytest.mark.parametrize('call, expected', [
     (lambda: trar_vit(torch.nn.Linear(2, 2)), 'Linear is not a timm VisionTransformer'),
     (lambda: trar_vit('vit_base_patch16_224', [0, 9], **TINY), 'order 9 is not in [0, 4)'),
