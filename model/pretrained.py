@@ -228,7 +228,11 @@ def _listed(items: list[str], shown: int, separator: str) -> str:
     return separator.join(items[:shown]) + more
 
 
-def _misfit(path: Path | str, problems: list[str]) -> ValueError:
+def _misfit(path: Path | str, problems: list[str], layout: str | None = None) -> ValueError:
+    """One line listing what does not fit; with `layout`, `problems` are the file's entries this ViT has no place for."""
+    if layout is not None:
+        return ValueError(f"{path} cannot be held by this ViT: entries {_listed(problems, 4, ', ')} "
+                          f"have no place in it ({layout} layout)")
     return ValueError(f"{path} does not fit this model ({len(problems)} problems): {_listed(problems, 6, '; ')}")
 
 
@@ -288,8 +292,7 @@ def _check_google_keys(path: Path | str, layout: str, arrays: dict[str, np.ndarr
     optional), else one line naming them; timm's reader would stop at the first."""
     unknown = [key for key in arrays if all(rule.match(key, lambda r: r.theirs) is None for rule in names)]
     if unknown:
-        raise ValueError(f"{path} cannot be held by this ViT: entries {_listed(unknown, 4, ', ')} "
-                         f"have no place in it ({layout} layout)")
+        raise _misfit(path, unknown, layout)
     optional = {part for part in ('head/', 'pre_logits/') if not any(f'/{part}' in f'/{key}' for key in arrays)}
     missing = [key for rule in names for key in dict.fromkeys(rule.theirs.format(i=i) for i in range(depth))
                if key not in arrays and not any(part in rule.theirs for part in optional)]
@@ -399,8 +402,7 @@ def _rename(path: Path | str, layout: str, tensors: dict[str, torch.Tensor], rul
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{path} cannot be held by this ViT: entries {_listed(unknown, 4, ', ')} "
-                         f"have no place in it ({layout} layout)")
+        raise _misfit(path, unknown, layout)
     return Pretrained(path, layout, renamed, (rules,))
 
 
