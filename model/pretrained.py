@@ -77,11 +77,11 @@ def _google_names(prefix: str, big_vision: bool, stacked: bool) -> list[Rule]:
     big_vision: _0, _1, _0, its blocks maybe stacked on axis 0 (`encoderblock/`)."""
     mha, norm2, mlp = ('MultiHeadDotProductAttention_0', 'LayerNorm_1', 'MlpBlock_0') if big_vision else \
         ('MultiHeadDotProductAttention_1', 'LayerNorm_2', 'MlpBlock_3')
-    names = {'embedding/kernel': 'patch_embed.proj.weight', 'embedding/bias': 'patch_embed.proj.bias', 'cls': 'cls_token',
-             'pos_embedding' if big_vision else 'Transformer/posembed_input/pos_embedding': 'pos_embed',
-             'Transformer/encoder_norm/scale': 'norm.weight', 'Transformer/encoder_norm/bias': 'norm.bias',
-             'head/kernel': HEAD[0], 'head/bias': HEAD[1], 'pre_logits/kernel': PRE_LOGITS[0],
-             'pre_logits/bias': PRE_LOGITS[1]}
+    names = {'embedding/kernel': 'patch_embed.proj.weight', 'embedding/bias': 'patch_embed.proj.bias',
+             'cls': 'cls_token', 'Transformer/encoder_norm/scale': 'norm.weight',
+             'Transformer/encoder_norm/bias': 'norm.bias', 'head/kernel': HEAD[0], 'head/bias': HEAD[1],
+             'pre_logits/kernel': PRE_LOGITS[0], 'pre_logits/bias': PRE_LOGITS[1],
+             'pos_embedding' if big_vision else 'Transformer/posembed_input/pos_embedding': 'pos_embed'}
     block = 'Transformer/encoderblock/' if stacked else 'Transformer/encoderblock_{i}/'
     for part in ('query', 'key', 'value'):
         names.update({f'{block}{mha}/{part}/kernel': 'blocks.{i}.attn.qkv.weight',
@@ -119,7 +119,8 @@ def _timm_rules() -> list[Rule]:
 
 def _own_rules() -> list[Rule]:
     """ViT-pytorch's names, this model's own: those timm's map to, and the routers."""
-    names = [name for rule in _timm_rules() for name in rule.ours] + ['transformer.encoder.layer.{i}.attn.router.{rest}']
+    names = [name for rule in _timm_rules() for name in rule.ours]
+    names.append('transformer.encoder.layer.{i}.attn.router.{rest}')
     return [Rule(name, (name,)) for name in names]
 
 
@@ -229,7 +230,7 @@ def _listed(items: list[str], shown: int, separator: str) -> str:
 
 
 def _misfit(path: Path | str, problems: list[str], layout: str | None = None) -> ValueError:
-    """One line listing what does not fit; with `layout`, `problems` are the file's entries this ViT has no place for."""
+    """One line listing what does not fit; with `layout`, `problems` are the file's entries with no place here."""
     if layout is not None:
         return ValueError(f"{path} cannot be held by this ViT: entries {_listed(problems, 4, ', ')} "
                           f"have no place in it ({layout} layout)")
