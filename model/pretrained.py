@@ -6,7 +6,7 @@ its image size, head kept or left fresh, routers kept at their initialisation un
 this model's routers) and names in one line whatever does not fit. Layouts:
 
 - Google `.npz`, vit_jax (the 2020 checkpoints and AugReg: `Transformer/encoderblock_0/...`) and
-  big_vision (`params/...`, blocks stacked or not);
+  big_vision (`params/...`, blocks stacked or not), converted by timm's `_load_weights` once the keys are checked;
 - timm ViT state dicts (`.safetensors`, `.pth`, `.bin`: `blocks.0.attn.qkv.weight`), maybe wrapped
   in a 'state_dict' or 'model' entry;
 - ViT-pytorch state dicts, which use this model's names;
