@@ -368,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     for n in names:
         print(f"| {n} | {step_times[n]:.3f} | {step_times[n] / step_times['plain']:.2f}x | "
               f"{args.batch / step_times[n]:.1f} | {memory_cells('model', n, 'plain')} |")
+    if 'timm trar' in step_times:  # model/timm_trar.py's routed layer in timm's ViT against this repository's TRAR
+        print(f"\ntimm trar / trar step time: {step_times['timm trar'] / step_times['trar']:.2f}x (target <= 1.05x)")
     attention_times = {}
     for layers in depths:
         times = attention_times[layers] = time_rounds(attention_steps(args, device, layers), args, device)

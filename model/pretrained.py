@@ -6,13 +6,14 @@ its image size, head kept or left fresh, routers kept at their initialisation un
 this model's routers) and names in one line whatever does not fit. Layouts:
 
 - Google `.npz`, vit_jax (the 2020 checkpoints and AugReg: `Transformer/encoderblock_0/...`) and
-  big_vision (`params/...`, blocks stacked or not);
+  big_vision (`params/...`, blocks stacked or not), converted by timm's `_load_weights` once the keys are checked;
 - timm ViT state dicts (`.safetensors`, `.pth`, `.bin`: `blocks.0.attn.qkv.weight`), maybe wrapped
   in a 'state_dict' or 'model' entry;
 - ViT-pytorch state dicts, which use this model's names;
 - checkpoints written by train.py (a dict with 'state_dict' and 'config').
 """
 import functools
+import io
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from typing import Callable
 import ml_collections
 import numpy as np
 import torch
-from scipy import ndimage
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer, _load_weights
 
 from .attention import as_grid
 from .config import get_config, with_added_fields
@@ -69,43 +71,27 @@ def _regex(pattern: str) -> re.Pattern:
 # Layouts: each a list of rules from the file's names to this model's.
 
 
-def _google_rules(prefix: str, big_vision: bool) -> list[Rule]:
-    """vit_jax (MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3) or big_vision (_0, _1, _0)."""
+def _google_names(prefix: str, big_vision: bool, stacked: bool) -> list[Rule]:
+    """Google's names of timm's ViT parameters, to check a file's keys up front and name them in messages (timm's
+    `_load_weights` converts the arrays). vit_jax: MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3;
+    big_vision: _0, _1, _0, its blocks maybe stacked on axis 0 (`encoderblock/`)."""
     mha, norm2, mlp = ('MultiHeadDotProductAttention_0', 'LayerNorm_1', 'MlpBlock_0') if big_vision else \
         ('MultiHeadDotProductAttention_1', 'LayerNorm_2', 'MlpBlock_3')
-    block, layer = f'{prefix}Transformer/encoderblock_{{i}}/', 'transformer.encoder.layer.{i}.'
-
-    def t(w):  # a Dense kernel (in, out) -> Linear weight (out, in)
-        return (w.T,)
-
-    def heads_in(w):  # (D, heads, D/heads) -> (D, D), and its (heads, D/heads) bias -> (D,)
-        return (w.reshape(w.shape[0], -1).T,) if w.dim() == 3 else (w.reshape(-1),)
-
-    rules = [
-        Rule(f'{prefix}embedding/kernel', (PATCH,), lambda w: (w.permute(3, 2, 0, 1),)),
-        Rule(f'{prefix}embedding/bias', ('transformer.embeddings.patch_embeddings.bias',)),
-        Rule(f'{prefix}cls', ('transformer.embeddings.cls_token',)),
-        Rule(f'{prefix}pos_embedding' if big_vision else f'{prefix}Transformer/posembed_input/pos_embedding',
-             (POSEMB,)),
-        Rule(f'{prefix}Transformer/encoder_norm/scale', ('transformer.encoder.encoder_norm.weight',)),
-        Rule(f'{prefix}Transformer/encoder_norm/bias', ('transformer.encoder.encoder_norm.bias',)),
-        Rule(f'{prefix}head/kernel', ('head.weight',), t),
-        Rule(f'{prefix}head/bias', ('head.bias',)),
-        Rule(f'{prefix}pre_logits/kernel', (PRE_LOGITS[0],), t),
-        Rule(f'{prefix}pre_logits/bias', (PRE_LOGITS[1],)),
-        Rule(f'{block}{mha}/out/kernel', (f'{layer}attn.out.weight',), lambda w: (w.reshape(-1, w.shape[-1]).T,)),
-        Rule(f'{block}{mha}/out/bias', (f'{layer}attn.out.bias',)),
-    ]
+    names = {'embedding/kernel': 'patch_embed.proj.weight', 'embedding/bias': 'patch_embed.proj.bias',
+             'cls': 'cls_token', 'Transformer/encoder_norm/scale': 'norm.weight',
+             'Transformer/encoder_norm/bias': 'norm.bias', 'head/kernel': HEAD[0], 'head/bias': HEAD[1],
+             'pre_logits/kernel': PRE_LOGITS[0], 'pre_logits/bias': PRE_LOGITS[1],
+             'pos_embedding' if big_vision else 'Transformer/posembed_input/pos_embedding': 'pos_embed'}
+    block = 'Transformer/encoderblock/' if stacked else 'Transformer/encoderblock_{i}/'
     for part in ('query', 'key', 'value'):
-        rules += [Rule(f'{block}{mha}/{part}/kernel', (f'{layer}attn.{part}.weight',), heads_in),
-                  Rule(f'{block}{mha}/{part}/bias', (f'{layer}attn.{part}.bias',), heads_in)]
-    for j, part in ((0, 'fc1'), (1, 'fc2')):
-        rules += [Rule(f'{block}{mlp}/Dense_{j}/kernel', (f'{layer}ffn.{part}.weight',), t),
-                  Rule(f'{block}{mlp}/Dense_{j}/bias', (f'{layer}ffn.{part}.bias',))]
-    for theirs, ours in (('LayerNorm_0', 'attention_norm'), (norm2, 'ffn_norm')):
-        rules += [Rule(f'{block}{theirs}/scale', (f'{layer}{ours}.weight',)),
-                  Rule(f'{block}{theirs}/bias', (f'{layer}{ours}.bias',))]
-    return rules
+        names.update({f'{block}{mha}/{part}/kernel': 'blocks.{i}.attn.qkv.weight',
+                      f'{block}{mha}/{part}/bias': 'blocks.{i}.attn.qkv.bias'})
+    for theirs, ours, weight in ((f'{mha}/out', 'attn.proj', 'kernel'), (f'{mlp}/Dense_0', 'mlp.fc1', 'kernel'),
+                                 (f'{mlp}/Dense_1', 'mlp.fc2', 'kernel'), ('LayerNorm_0', 'norm1', 'scale'),
+                                 (norm2, 'norm2', 'scale')):
+        names.update({f'{block}{theirs}/{weight}': f'blocks.{{i}}.{ours}.weight',
+                      f'{block}{theirs}/bias': f'blocks.{{i}}.{ours}.bias'})
+    return [Rule(prefix + theirs, (ours,)) for theirs, ours in names.items()]
 
 
 def _timm_rules() -> list[Rule]:
@@ -118,9 +104,7 @@ def _timm_rules() -> list[Rule]:
         Rule('pos_embed', (POSEMB,)),
         Rule('norm.weight', ('transformer.encoder.encoder_norm.weight',)),
         Rule('norm.bias', ('transformer.encoder.encoder_norm.bias',)),
-        Rule('head.weight', ('head.weight',)),
-        Rule('head.bias', ('head.bias',)),
-        *(Rule(name, (name,)) for name in PRE_LOGITS),
+        *(Rule(name, (name,)) for name in HEAD + PRE_LOGITS),
     ]
     for kind in ('weight', 'bias'):
         rules += [Rule(f'{block}attn.qkv.{kind}', tuple(f'{layer}attn.{p}.{kind}' for p in ('query', 'key', 'value')),
@@ -134,14 +118,9 @@ def _timm_rules() -> list[Rule]:
 
 
 def _own_rules() -> list[Rule]:
-    """ViT-pytorch's names, this model's own (routers included)."""
-    layer = 'transformer.encoder.layer.{i}.'
-    names = ['transformer.embeddings.patch_embeddings.weight', 'transformer.embeddings.patch_embeddings.bias',
-             'transformer.embeddings.cls_token', POSEMB, 'transformer.encoder.encoder_norm.weight',
-             'transformer.encoder.encoder_norm.bias', *HEAD, *PRE_LOGITS, f'{layer}attn.router.{{rest}}']
-    names += [f'{layer}{module}.{kind}' for module in ('attn.query', 'attn.key', 'attn.value', 'attn.out', 'ffn.fc1',
-                                                         'ffn.fc2', 'attention_norm', 'ffn_norm')
-              for kind in ('weight', 'bias')]
+    """ViT-pytorch's names, this model's own: those timm's map to, and the routers."""
+    names = [name for rule in _timm_rules() for name in rule.ours]
+    names.append('transformer.encoder.layer.{i}.attn.router.{rest}')
     return [Rule(name, (name,)) for name in names]
 
 
@@ -171,7 +150,7 @@ class Pretrained:
     path: Path
     layout: str  # 'vit_jax', 'big_vision', 'timm', 'vit_pytorch' or 'train.py'
     tensors: dict[str, torch.Tensor]
-    rules: list[Rule]
+    renamings: tuple[list[Rule], ...]  # from the file's names to this model's, in the order applied
     checkpoint: dict = field(default_factory=dict)  # a train.py checkpoint's other entries (config, class_names...)
     num_heads: int | None = None  # known from Google's per-head kernels only
 
@@ -185,12 +164,10 @@ class Pretrained:
         return any('.attn.router.' in key for key in self.tensors)
 
     def file_key(self, ours: str) -> str:
-        """The file's name for one of this model's names (for messages)."""
-        for rule in self.rules:
-            for index, name in enumerate(rule.ours):
-                groups = rule.match(ours, lambda r: r.ours[index])
-                if groups is not None:
-                    return rule.theirs.format(**groups)
+        """The file's name for one of this model's names (for messages): back through each renaming."""
+        for rules in reversed(self.renamings):
+            ours = next((rule.theirs.format(**groups) for rule in rules for index in range(len(rule.ours))
+                         if (groups := rule.match(ours, lambda r: r.ours[index])) is not None), ours)
         return ours
 
     def architecture(self) -> dict[str, object]:
@@ -219,7 +196,7 @@ def read(path: str | Path, ema: bool = False) -> Pretrained:
     check_file(path, 'weights file', 'a weights file (.npz, .safetensors, .pth, .bin or .ckpt)')
     entries = None
     if path.suffix != '.npz':
-        entries = _read_safetensors(path) if path.suffix == '.safetensors' else _read_torch(path)
+        entries = _read_safetensors(path) if path.suffix == '.safetensors' else read_checkpoint(path)
     if ema:
         if not isinstance(entries, dict) or not isinstance(entries.get('ema_state_dict'), dict):
             raise ValueError(f"{path} holds no EMA weights: expected a train.py checkpoint of a run with --model_ema")
@@ -247,8 +224,17 @@ def _read_safetensors(path: Path) -> dict:
                          f"{one_line(error, limit=200)}") from None
 
 
-def _read_torch(path: Path) -> dict:
-    return read_checkpoint(path)  # weights-only: no pickle runs
+def _listed(items: list[str], shown: int, separator: str) -> str:
+    more = f" (and {len(items) - shown} more)" if len(items) > shown else ''
+    return separator.join(items[:shown]) + more
+
+
+def _misfit(path: Path | str, problems: list[str], layout: str | None = None) -> ValueError:
+    """One line listing what does not fit; with `layout`, `problems` are the file's entries with no place here."""
+    if layout is not None:
+        return ValueError(f"{path} cannot be held by this ViT: entries {_listed(problems, 4, ', ')} "
+                          f"have no place in it ({layout} layout)")
+    return ValueError(f"{path} does not fit this model ({len(problems)} problems): {_listed(problems, 6, '; ')}")
 
 
 def _unknown(path: Path, keys) -> ValueError:
@@ -258,7 +244,11 @@ def _unknown(path: Path, keys) -> ValueError:
 
 
 def from_google_arrays(arrays: dict[str, np.ndarray], path: Path | str = 'weights') -> Pretrained:
-    """Google's arrays (vit_jax or big_vision keys) under this model's names."""
+    """Google's arrays (vit_jax or big_vision keys) under this model's names.
+
+    The keys and the shapes timm reads the architecture from are checked here, each problem named in one line;
+    timm's `_load_weights` converts the arrays into a timm ViT of the file's shapes, whose names `_timm_rules` map.
+    """
     prefix = next((p for p in ('', 'opt/target/', 'params/', 'params/img/') if f'{p}embedding/kernel' in arrays), None)
     if prefix is None:
         raise _unknown(path, arrays)
@@ -266,36 +256,84 @@ def from_google_arrays(arrays: dict[str, np.ndarray], path: Path | str = 'weight
     odd = next((key for key, value in arrays.items() if value.dtype.kind != 'f'), None)
     if odd is not None:
         raise ValueError(f"{path}: {odd} holds {arrays[odd].dtype} values; expected floating-point weights")
-    big_vision = prefix.startswith('params/') or f'{prefix}pos_embedding' in arrays \
-        or f'{prefix}Transformer/encoderblock/LayerNorm_0/scale' in arrays
-    arrays = _unstack_blocks(arrays, prefix)
+    check_weights(path, {key: torch.from_numpy(value) for key, value in arrays.items()})  # named as in the file
+    stacked = f'{prefix}Transformer/encoderblock/LayerNorm_0/scale' in arrays
+    big_vision = prefix.startswith('params/') or f'{prefix}pos_embedding' in arrays or stacked
     _check_supported(path, 'google', arrays)
     if f'{prefix}cls' not in arrays:
         raise ValueError(f"{path} cannot be held by this ViT: it has no class token ({prefix}cls), so it pools "
                          "globally (global-average pooling); this model classifies from its class token")
-    pos_key = f'{prefix}pos_embedding' if big_vision else f'{prefix}Transformer/posembed_input/pos_embedding'
-    if pos_key not in arrays:
-        raise ValueError(f"{path} cannot be held by this ViT: it has no learned position embedding {pos_key} "
-                         "(fixed sin-cos position embeddings?)")
-    tensors = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}
-    query = tensors.get(f'{prefix}Transformer/encoderblock_0/'
-                        f'MultiHeadDotProductAttention_{0 if big_vision else 1}/query/kernel')
-    pretrained = _rename(path, 'big_vision' if big_vision else 'vit_jax', tensors, _google_rules(prefix, big_vision))
-    pretrained.num_heads = query.shape[1] if query is not None and query.dim() == 3 else None
+    layout, names = 'big_vision' if big_vision else 'vit_jax', _google_names(prefix, big_vision, stacked)
+    google = {rule.ours[0].format(i=0): rule.theirs.format(i=0) for rule in reversed(names)}  # qkv: the query's
+    depth = arrays[google['blocks.0.norm1.weight']].shape[0] if stacked else 1 + max(
+        (int(key.split('encoderblock_')[1].split('/')[0]) for key in arrays if 'encoderblock_' in key), default=-1)
+    kernel = arrays[google['patch_embed.proj.weight']]  # (patch, patch, channels, width)
+    if kernel.ndim != 4:
+        raise ValueError(f"{path}: {google['patch_embed.proj.weight']} of shape {tuple(kernel.shape)} is malformed: "
+                         "expected (patch, patch, channels, width)")
+    _check_google_keys(path, layout, arrays, names, max(depth, 1))
+    vit, num_heads = _timm_vit_of(path, {name: arrays.get(key) for name, key in google.items()}, stacked, depth)
+    try:
+        _load_weights(vit, _npz_source(path, arrays), prefix=prefix)
+    except (RuntimeError, ValueError, KeyError, IndexError) as error:  # arrays that disagree in shape
+        raise ValueError(f"{path}: timm cannot read its arrays as one ViT: {one_line(error, limit=200)}") from None
+    state = vit.state_dict()
+    if google[PRE_LOGITS[0]] in arrays:  # the representation layer, which timm no longer reads
+        state[PRE_LOGITS[0]] = torch.from_numpy(arrays[google[PRE_LOGITS[0]]].T.copy())
+        state[PRE_LOGITS[1]] = torch.from_numpy(arrays[google[PRE_LOGITS[1]]].copy())
+    pretrained = _rename(path, layout, state, _timm_rules())
+    pretrained.renamings = (names, *pretrained.renamings)
+    pretrained.num_heads = num_heads
     return pretrained
 
 
-def _unstack_blocks(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    """big_vision's scanned `Transformer/encoderblock/...` (layers stacked on axis 0) as one entry per layer."""
-    stacked = f'{prefix}Transformer/encoderblock/'
-    out = {}
-    for key, value in arrays.items():
-        if key.startswith(stacked) and value.ndim > 0:
-            for i, layer in enumerate(value):
-                out[f'{prefix}Transformer/encoderblock_{i}/{key[len(stacked):]}'] = layer
-        else:
-            out[key] = value
-    return out
+def _check_google_keys(path: Path | str, layout: str, arrays: dict[str, np.ndarray], names: list[Rule],
+                       depth: int) -> None:
+    """Every array has a place in a ViT and every one a ViT needs is there (a head and a representation layer are
+    optional), else one line naming them; timm's reader would stop at the first."""
+    unknown = [key for key in arrays if all(rule.match(key, lambda r: r.theirs) is None for rule in names)]
+    if unknown:
+        raise _misfit(path, unknown, layout)
+    optional = {part for part in ('head/', 'pre_logits/') if not any(f'/{part}' in f'/{key}' for key in arrays)}
+    missing = [key for rule in names for key in dict.fromkeys(rule.theirs.format(i=i) for i in range(depth))
+               if key not in arrays and not any(part in rule.theirs for part in optional)]
+    if missing:
+        raise _misfit(path, [f'missing {key}' for key in missing])
+
+
+def _timm_vit_of(path: Path | str, arrays: dict[str, np.ndarray | None], stacked: bool,
+                 depth: int) -> tuple[TimmVisionTransformer, int | None]:
+    """An uninitialised timm ViT of the shapes of Google's arrays (by timm's names, block 0's), for `_load_weights`
+    to fill; and its heads, when known."""
+    kernel, posemb = arrays['patch_embed.proj.weight'], arrays['pos_embed']
+    tokens = posemb.shape[-2] if posemb.ndim in (2, 3) else 0
+    class_position = not (_is_square(tokens) and not _is_square(tokens - 1))  # big_vision's has none
+    side = math.isqrt(tokens - class_position) if tokens >= 2 else 0
+    if side == 0 or side * side != tokens - class_position:
+        raise ValueError(f"{path}: position embedding of shape {tuple(posemb.shape)} is not (1, [1 +] a square "
+                         "grid, width)")
+    query = arrays['blocks.0.attn.qkv.weight']
+    num_heads = query.shape[-2] if query.ndim == 3 + stacked else None
+    width, mlp_dim, head = kernel.shape[-1], arrays['blocks.0.mlp.fc1.weight'].shape[-1], arrays['head.weight']
+    try:
+        vit = TimmVisionTransformer(
+            img_size=(side * kernel.shape[0], side * kernel.shape[1]), patch_size=kernel.shape[:2],
+            in_chans=kernel.shape[2], embed_dim=width, depth=depth, num_heads=num_heads or 1,
+            mlp_ratio=(mlp_dim + 0.5) / width, num_classes=0 if head is None else head.shape[-1],
+            no_embed_class=not class_position, weight_init='skip')
+    except (AssertionError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{path}: its arrays make no ViT ({one_line(error, limit=200)})") from None
+    return vit, num_heads
+
+
+def _npz_source(path: Path | str, arrays: dict[str, np.ndarray]) -> Path | io.BytesIO:
+    """What `_load_weights` opens: the file `arrays` came from, or the arrays written to memory."""
+    if isinstance(path, Path) and path.suffix == '.npz' and path.is_file():
+        return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    buffer.seek(0)
+    return buffer
 
 
 def _from_state_dict(path: Path, entries: dict) -> Pretrained:
@@ -312,7 +350,7 @@ def _from_state_dict(path: Path, entries: dict) -> Pretrained:
     tensors = {key.removeprefix('module.'): value for key, value in state.items() if isinstance(value, torch.Tensor)}
     if isinstance(checkpoint.get('config'), dict) and 'timm_name' in checkpoint['config']:  # train.py, a timm model
         check_weights(path, tensors)
-        return Pretrained(path, 'train.py', tensors, [], checkpoint)
+        return Pretrained(path, 'train.py', tensors, (), checkpoint)
     if 'patch_embed.proj.weight' in tensors:
         _check_supported(path, 'timm', tensors)
         if 'cls_token' not in tensors:
@@ -345,7 +383,7 @@ def check_weights(path: Path | str, tensors: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"{path}: {key} holds NaN or infinite values; expected finite weights")
 
 
-def _rename(path: Path, layout: str, tensors: dict[str, torch.Tensor], rules: list[Rule]) -> Pretrained:
+def _rename(path: Path | str, layout: str, tensors: dict[str, torch.Tensor], rules: list[Rule]) -> Pretrained:
     """Apply `rules` to every key, each tensor checked by `check_weights` and made float32; a key no rule knows is
     named in a one-line error."""
     check_weights(path, tensors)
@@ -365,10 +403,8 @@ def _rename(path: Path, layout: str, tensors: dict[str, torch.Tensor], rules: li
         else:
             unknown.append(key)
     if unknown:
-        more = f" (and {len(unknown) - 4} more)" if len(unknown) > 4 else ''
-        raise ValueError(f"{path} cannot be held by this ViT: entries {', '.join(unknown[:4])}{more} "
-                         f"have no place in it ({layout} layout)")
-    return Pretrained(path, layout, renamed, rules)
+        raise _misfit(path, unknown, layout)
+    return Pretrained(path, layout, renamed, (rules,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +415,8 @@ def resize_posemb(posemb: torch.Tensor, grid: tuple[int, int], path: Path | str 
     """A (1, [1 +] g*g, D) position embedding as (1, 1 + grid_h*grid_w, D).
 
     A table without a class position (big_vision, timm's no_embed_class) gets a zero one; another grid is
-    resized as the official code does (scipy zoom, order 1).
+    resized as the official code does (scipy zoom, order 1), which is timm's `resample_abs_pos_embed` bilinear
+    with the corners aligned and no antialiasing (in float32).
     """
     if posemb.dim() == 2:
         posemb = posemb[None]
@@ -396,11 +433,9 @@ def resize_posemb(posemb: torch.Tensor, grid: tuple[int, int], path: Path | str 
                          f"nor this model's 1 + {grid[0]}x{grid[1]}")
     if tokens == wanted + 1:
         return posemb
-    side = math.isqrt(tokens - 1)
-    patches = posemb[0, 1:].double().numpy().reshape(side, side, -1)
-    patches = ndimage.zoom(patches, (grid[0] / side, grid[1] / side, 1), order=1)
-    patches = torch.from_numpy(patches.reshape(1, wanted, -1)).to(posemb.dtype)
-    return torch.cat([posemb[:, :1], patches], dim=1)
+    side = math.isqrt(tokens - 1)  # scipy's zoom of order 1 is bilinear with the corners aligned, not antialiased
+    return resample_abs_pos_embed(posemb, list(grid), [side, side], num_prefix_tokens=1, interpolation='bilinear',
+                                  antialias=False, align_corners=True)
 
 
 def _is_square(n: int) -> bool:
@@ -454,9 +489,7 @@ def load_into(model: VisionTransformer, weights: Pretrained, head: bool, routers
     problems += [f"{weights.file_key(key)}: file {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
                  for key in own if wanted(key) and key in state and state[key].shape != own[key].shape]
     if problems:
-        more = f" (and {len(problems) - 6} more)" if len(problems) > 6 else ''
-        raise ValueError(f"{weights.path} does not fit this model ({len(problems)} problems): "
-                         f"{'; '.join(problems[:6])}{more}")
+        raise _misfit(weights.path, problems)
     for key, value in own.items():
         if wanted(key):
             value.copy_(state[key])

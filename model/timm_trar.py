@@ -21,6 +21,7 @@ from torch import nn
 
 from .attention import Spans, as_grid, implementation_for, routed_attention, routed_attention_maps
 from .config import get_config
+from .reading import one_line
 from .trar import Router, check_routing
 
 
@@ -136,6 +137,13 @@ def create(name: str, weights: str | Path | None = None, **create_kwargs) -> Vis
             overlay = dict(hf_hub_id=source.removeprefix('hf-hub:'), source='hf-hub')
         overlay = {**create_kwargs.get('pretrained_cfg_overlay', {}), **overlay}
         create_kwargs = dict(create_kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
+        if 'hf_hub_id' in overlay:
+            from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+            try:
+                return timm.create_model(name, **create_kwargs)
+            except (OSError, EntryNotFoundError, HFValidationError) as error:  # not cached offline, not on the hub
+                raise ValueError(f"weights {source} are neither a local file nor a hub repository that can be read "
+                                 f"({type(error).__name__}: {one_line(error, limit=200)})") from None
     return timm.create_model(name, **create_kwargs)
 
 

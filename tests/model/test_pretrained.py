@@ -236,6 +236,23 @@ def test_google_gap_and_map_checkpoints_are_named(tmp_path):
     assert 'attention pooling (MAPHead_0)' in one_line_error(pretrained.read, tmp_path / 'map.npz')
 
 
+def test_google_arrays_out_of_place_missing_or_of_another_shape_are_named_as_in_the_file():
+    """Checked before timm's reader, which would stop at the first missing key: every one is named, in Google's
+    names, stacked big_vision blocks included; arrays that disagree in shape are named by timm's message."""
+    w = make_official_weights(plain_testing(), 32, 5)
+    extra = {**w, 'Transformer/encoderblock_0/Extra/kernel': np.zeros((2, 2), np.float32)}
+    assert 'entries Transformer/encoderblock_0/Extra/kernel have no place in it (vit_jax layout)' in \
+        one_line_error(pretrained.from_google_arrays, extra)
+    stacked = big_vision_layout(w, 2, stacked=True)
+    del stacked['params/Transformer/encoderblock/LayerNorm_1/bias'], stacked['params/embedding/bias']
+    message = one_line_error(pretrained.from_google_arrays, stacked)
+    assert '(2 problems): missing params/embedding/bias; missing params/Transformer/encoderblock/LayerNorm_1/bias' \
+        in message
+    odd = {**w, 'Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel': np.zeros((32, 48), np.float32)}
+    message = one_line_error(pretrained.from_google_arrays, odd)
+    assert 'timm cannot read its arrays as one ViT' in message and '48' in message
+
+
 def test_unknown_layout_names_the_layouts_accepted(tmp_path):
     torch.save({'conv1.weight': torch.zeros(8, 3, 7, 7), 'fc.weight': torch.zeros(10, 8)}, tmp_path / 'resnet.pth')
     message = one_line_error(pretrained.read, tmp_path / 'resnet.pth')

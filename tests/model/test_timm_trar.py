@@ -15,6 +15,7 @@ from model.modeling import VisionTransformer
 from model.timm_trar import (RoutedAttention, TimmViT, data_config, routed_layers, routing_weights, set_tau,
                               timm_config, trar_vit)
 from model.attention import use_implementation
+from hub_cache import offline_hub
 from official_npz import make_official_weights
 from conftest import reference_masks, reference_routed_attention
 
@@ -186,15 +187,8 @@ def test_google_b16_layout_equals_this_repositorys_vit(tmp_path):
 def test_hub_weights_from_a_local_cache_without_network(tmp_path, monkeypatch):
     """A name with a tag and a hub id both read the Hugging Face cache layout (HF_HUB_OFFLINE=1, no network)."""
     source = saved_family('class_token', tmp_path / 'vit.safetensors')
-    for repo in ('timm/vit_base_patch16_224.augreg2_in21k_ft_in1k', 'someone/tiny-vit'):
-        snapshot = tmp_path / 'hub' / f"models--{repo.replace('/', '--')}" / 'snapshots' / ('0' * 40)
-        snapshot.mkdir(parents=True)
-        (snapshot / 'model.safetensors').write_bytes((tmp_path / 'vit.safetensors').read_bytes())
-        (snapshot.parent.parent / 'refs').mkdir()
-        (snapshot.parent.parent / 'refs' / 'main').write_text('0' * 40)
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_OFFLINE', True)
-    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_CACHE', str(tmp_path / 'hub'))
+    offline_hub(tmp_path / 'hf', monkeypatch, {repo: tmp_path / 'vit.safetensors' for repo in (
+        'timm/vit_base_patch16_224.augreg2_in21k_ft_in1k', 'someone/tiny-vit')})
     x = images(source)
     kwargs = dict(family_kwargs('class_token'), pretrained_cfg_overlay=dict(num_classes=5))
     by_tag = trar_vit('vit_base_patch16_224.augreg2_in21k_ft_in1k', [], pretrained=True, **kwargs).eval()
@@ -202,6 +196,15 @@ def test_hub_weights_from_a_local_cache_without_network(tmp_path, monkeypatch):
     with torch.no_grad():
         for model in (by_tag, by_id):
             assert (model(x) - source(x)).abs().max() <= 1e-5
+
+
+def test_weights_neither_on_disk_nor_in_the_hub_cache_are_named_in_one_line(tmp_path, monkeypatch):
+    offline_hub(tmp_path / 'hf', monkeypatch, {})
+    for source in ('hf-hub:nobody/none', str(tmp_path / 'missing.safetensors')):
+        with pytest.raises(ValueError) as error:
+            trar_vit('vit_base_patch16_224', [0], weights=source, **TINY)
+        message = str(error.value)
+        assert f'weights {source} are neither a local file nor a hub repository' in message and '\n' not in message
 
 
 @pytest.mark.parametrize('call, expected', [

@@ -13,6 +13,7 @@ from timm.models import register_model
 from timm.models.deit import _create_deit
 
 import eval as evaluate_cli
+from hub_cache import offline_hub
 from train_helpers import ROOT
 from utils.data_utils import load_split
 
@@ -70,8 +71,17 @@ def test_eval_py_gives_timms_accuracy_and_routing(timm_file, tmp_path):
     np.testing.assert_allclose(routing.sum(-1), 1, atol=1e-6)
 
 
-def test_test_py_predicts_with_timms_preprocessing_and_draws_the_routing(timm_file, tmp_path, capsys):
+HUB_ID = 'hf-hub:someone/tiny-deit'
+
+
+@pytest.mark.parametrize('where', ['file', 'hub id'])
+def test_test_py_predicts_with_timms_preprocessing_and_draws_the_routing(timm_file, tmp_path, capsys, monkeypatch,
+                                                                         where):
+    """--ckpt a local file, or a hub id read from an HF_HOME cache with HF_HUB_OFFLINE=1."""
     path, source = timm_file
+    if where == 'hub id':
+        offline_hub(tmp_path / 'hf', monkeypatch, {HUB_ID.removeprefix('hf-hub:'): path})
+        path = HUB_ID
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
     picture.save(tmp_path / 'noise.png')
     common = ['--ckpt', str(path), '--model_type', f'timm:{NAME}', '--img_size', '32', '--num_classes', '10',
@@ -131,6 +141,23 @@ def test_a_tiny_timm_vit_trains_resumes_bit_exactly_evaluates_and_predicts(timm_
     assert predict_cli.main(['--ckpt', str(last), '--image', str(tmp_path / 'noise.png'), '--json',
                              '--routing_plot', str(tmp_path / 'routing.png')]) == 0
     assert json.loads(capsys.readouterr().out)['orders'] == [0, 1] and (tmp_path / 'routing.png').exists()
+
+
+def test_train_py_starts_from_a_hub_id_as_from_its_file(timm_file, tmp_path, monkeypatch):
+    """--pretrained_dir hf-hub:<repo>, read from an HF_HOME cache with HF_HUB_OFFLINE=1, starts the fine-tune the
+    file itself starts: after two steps the weights are the same, bit for bit."""
+    import train
+    from train_helpers import tiny_args, weights
+    path, _ = timm_file
+    offline_hub(tmp_path / 'hf', monkeypatch, {HUB_ID.removeprefix('hf-hub:'): path})
+    runs = {}
+    for name, start in (('file', str(path)), ('hub', HUB_ID)):
+        train.main(tiny_args(tmp_path, name, '--model_type', f'timm:{NAME}', '--pretrained_dir', start,
+                             '--orders', '0,1', steps=2))
+        runs[name] = weights(tmp_path / name / 'last.ckpt')
+    assert runs['hub'].keys() == runs['file'].keys()
+    for key, value in runs['file'].items():
+        assert torch.equal(runs['hub'][key], value), key
 
 
 def test_training_preprocessing_follows_the_timm_models_config():
