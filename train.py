@@ -45,8 +45,9 @@ from utils import checkpoint as checkpoints
 from utils import dist_util, recipes
 from utils.augment import build_mixup, check_mixup_batch, train_loss, train_transform
 from utils.checkpoint import CheckpointSaver
-from utils.data_utils import (DATASETS, Augmented, DeviceBatches, ShardedSampler, UnreadableImage,
-                              check_same_classes, collate_skipping_none, eval_pixels, load_split, preprocess_of)
+from utils.data_utils import (DATASETS, Augmented, DeviceBatches, ShardedSampler, check_same_classes,
+                              collate_skipping_none, load_split)
+from utils.images import UnreadableImage, eval_pixels, preprocess_of
 from utils.engine import (OPT_LEVELS, Evaluation, Optimization, Precision, RunState, TrainingData, TrainStats,
                           evaluate, peak_memory_mib, train_until)
 from utils.errors import RunError, command_line, stop_at_first_interrupt

@@ -39,9 +39,10 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils import data_utils  # noqa: E402
-from utils.data_utils import (Augmented, DeviceBatches, Preprocess, ShardImages, collate_skipping_none,  # noqa: E402
-                              decode, eval_pixels, load_split, to_rgb, train_pixels)
+from utils import folders  # noqa: E402
+from utils.data_utils import Augmented, DeviceBatches, collate_skipping_none, load_split  # noqa: E402
+from utils.images import Preprocess, decode, eval_pixels, to_rgb, train_pixels  # noqa: E402
+from utils.shards import ShardImages  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'scripts'))
 import make_shards  # noqa: E402
 
@@ -229,7 +230,7 @@ def scan_table(args: argparse.Namespace) -> list[dict]:
         rows = []
         for label, cached in (('cold', None), ('writes the cached list', cache), ('with the cached list', cache)):
             started = time.perf_counter()
-            _, samples = data_utils.scan_image_folder(root, cache=cached)
+            _, samples = folders.scan_image_folder(root, cache=cached)
             seconds = time.perf_counter() - started
             assert len(samples) == made
             rows.append({'scan': label, 'files': made, 'seconds': round(seconds, 2)})

@@ -136,7 +136,7 @@ def test_a_tiny_timm_vit_trains_resumes_bit_exactly_evaluates_and_predicts(timm_
 def test_training_preprocessing_follows_the_timm_models_config():
     """train.py's transforms for a timm model: DeiT's ImageNet mean/std, for the augmented and the plain view."""
     from model.timm_trar import data_config
-    from utils.data_utils import Preprocess, get_train_transform
+    from utils.images import Preprocess, get_train_transform
     config = data_config(f'timm:{NAME}')
     gray = Image.new('RGB', (40, 40), (128, 128, 128))
     expected = (128 / 255 - torch.tensor(config['mean'])) / torch.tensor(config['std'])

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils.data_utils import (Augmented, ShardImages, Skipped, UnreadableImage, collate_skipping_none, eval_pixels,
-                              load_split, train_pixels)
+from utils.data_utils import Augmented, collate_skipping_none, load_split
+from utils.images import Skipped, UnreadableImage, eval_pixels, train_pixels
+from utils.shards import ShardImages
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / 'scripts'))
