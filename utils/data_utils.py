@@ -131,9 +131,9 @@ class DeviceBatches:
 
 
 def check_same_classes(train: Dataset, val: Dataset) -> None:
-    """Raise a one-line error unless two ImageFolder splits have the same class folders, so that a label
-    means the same class in both (the other datasets fix their classes)."""
-    if not isinstance(train, ImageFiles) or train.folders == val.folders:
+    """Raise a one-line error unless two ImageFolder splits (or sets of shards) have the same class folders, so
+    that a label means the same class in both (the other datasets fix their classes)."""
+    if not isinstance(train, (ImageFiles, ShardImages)) or train.folders == val.folders:
         return
     only_train = sorted(set(train.folders) - set(val.folders))
     only_val = sorted(set(val.folders) - set(train.folders))

@@ -2,6 +2,7 @@
 """
 import glob
 import io
+import itertools
 import json
 import logging
 import tarfile
@@ -63,11 +64,12 @@ class ShardImages(torch.utils.data.IterableDataset):
 
     def __init__(self, pattern: str, transform: Callable | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, skip_corrupt: bool = False):
-        self.urls = shard_urls(pattern)
+        self.urls, self.root = shard_urls(pattern), pattern  # root: where the images are, for messages
         meta = read_shard_meta(self.urls[0])
         if len(self.urls) != meta['shards']:
             raise ValueError(f"{pattern} matches {len(self.urls)} shards; its shards say there are {meta['shards']}")
         self.classes, self.folders, self.size = meta['classes'], meta['folders'], meta['total']
+        self.shard_size, self.plan = meta['shard_size'], meta['plan']  # every shard holds this many images but the last, the rest
         self.transform, self.seed, self.epoch = transform, seed, 0
         self.rank, self.world_size, self.skip_corrupt = rank, world_size, skip_corrupt
 
@@ -77,10 +79,15 @@ class ShardImages(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _samples(self, url: str) -> Iterator[tuple[int, dict]]:
-        """(index, {extension: bytes}) of one shard's images, in order, checked against its metadata."""
+    def _samples(self, shard: int) -> Iterator[tuple[int, dict | None]]:
+        """(index, {extension: bytes}) of shard `shard`'s images, in order, checked against its metadata; the
+        bytes are None for an image lost to a damaged shard (`skip_corrupt`)."""
         from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+        url = self.urls[shard]
         meta = read_shard_meta(url)
+        if meta.get('shard') != shard or meta.get('plan') != self.plan:
+            raise ShardError(f"shard {url} is shard {meta.get('shard')} of plan {str(meta.get('plan'))[:12]}: "
+                             f"expected shard {shard} of plan {str(self.plan)[:12]} (the pattern's shards, in order)")
         first, count = meta['first'], meta['images']
         seen = 0
         try:
@@ -109,13 +116,16 @@ class ShardImages(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         split, mine = self.world_size * workers, self.rank * workers + worker
-        for url in self.urls[mine::split]:
-            for index, sample in self._samples(url):
-                if sample is None:
-                    yield Skipped(index)
-                    continue
-                yield transformed(lambda: self._decode(url, index, sample), self.transform,
-                                  (self.seed, self.epoch, index), index, self.skip_corrupt)
+        for shard in range(mine, len(self.urls), split):
+            yield from map(self._item, itertools.repeat(shard), self._samples(shard))
+
+    def _item(self, shard: int, sample: tuple[int, dict | None]) -> tuple[torch.Tensor, int] | Skipped:
+        """A sample of `_samples` transformed (seeded by seed, epoch and index), or Skipped."""
+        index, data = sample
+        if data is None:
+            return Skipped(index)
+        return transformed(lambda: self._decode(self.urls[shard], index, data), self.transform,
+                           (self.seed, self.epoch, index), index, self.skip_corrupt)
 
     def _decode(self, url: str, index: int, sample: dict) -> tuple[Image.Image, int]:
         images = [key for key in sample if '.' + key in IMAGE_EXTENSIONS]
@@ -131,3 +141,71 @@ class ShardImages(torch.utils.data.IterableDataset):
             raise UnreadableImage(f"shard {url}: sample {index:09d} has class index {label}; expected 0 to "
                                   f"{len(self.classes) - 1}")
         return open_image(io.BytesIO(sample[images[0]]), f"{url}:{index:09d}.{images[0]}"), label
+
+
+class TrainingShards(ShardImages):
+    """Training batches from shards: every process takes the same number of micro-batches an epoch, each image
+    at most once, and a run resumes exactly mid-epoch.
+
+    An epoch's stream is the shards in an order shuffled by (seed, epoch), each shard's images in their stored
+    order (scripts/make_shards.py shuffled them once). Its first steps x global_batch images are used, where
+    steps = images // global_batch; the rest, fewer than a global batch, are dropped this epoch (other images
+    next epoch), as `ShardedSampler` does. Process r takes the r-th contiguous part of them, so it opens about
+    1 / world of the shards (one partial shard at each end). Its part is cut into micro-batches of consecutive
+    images; loader worker w of W reads the w-th contiguous run of them and the DataLoader takes one batch from
+    each worker in turn. So the micro-batches are the same for any --num_workers (their order is not), and each
+    worker streams its own shards. `set_epoch(epoch, start)` places the epoch after `start` of this process's
+    samples: whole shards before a worker's next image are not opened, images before it in its shard are read
+    but not decoded, so a resumed run gets the micro-batches an uninterrupted one would (same processes,
+    batch and --num_workers).
+    """
+
+    def __init__(self, pattern: str, transform: Callable, seed: int, rank: int, world_size: int, skip_corrupt: bool,
+                 global_batch: int, micro_batch: int):
+        super().__init__(pattern, transform, seed, rank, world_size, skip_corrupt)
+        self.steps_per_epoch = self.size // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the shards {pattern} hold {self.size} images, fewer than one global batch of "
+                             f"{global_batch}")
+        self.per_rank, self.micro_batch = global_batch // world_size, micro_batch
+        self.per_rank *= self.steps_per_epoch
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start  # this process's samples left this epoch
+
+    def shard_order(self) -> list[int]:
+        """The epoch's shards in stream order, shuffled by (seed, epoch)."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.urls), generator=generator).tolist()
+
+    def worker_range(self, worker: int, workers: int) -> tuple[int, int]:
+        """The stream positions [begin, end) loader worker `worker` of `workers` still reads this epoch."""
+        batches, done = self.per_rank // self.micro_batch, self.start // self.micro_batch
+        logical = (worker + done) % workers  # the DataLoader asks worker 0 first: it takes the next batch's run
+        share, extra = divmod(batches, workers)
+        first = logical * share + min(logical, extra)  # the run's first micro-batch
+        count = share + (logical < extra)
+        taken = len(range(logical, done, workers))  # batches of this run already used (before `start`)
+        base = self.rank * self.per_rank
+        return base + (first + taken) * self.micro_batch, base + (first + count) * self.micro_batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        begin, end = self.worker_range(worker, workers)
+        position = 0  # of the shard's first image in the stream
+        for shard in self.shard_order():
+            count = min(self.shard_size, self.size - shard * self.shard_size)
+            if position + count > begin and position < end:
+                for at, sample in enumerate(self._samples(shard), start=position):
+                    if at >= end:
+                        break
+                    if at >= begin:
+                        yield self._item(shard, sample)
+            position += count
+            if position >= end:
+                return
