@@ -12,10 +12,10 @@ through a DataLoader as train.py does: `float32` is the pipeline before the uint
 RandomResizedCrop, RandomHorizontalFlip, ToTensor and Normalize on PIL images; Resize, ToTensor and Normalize
 for evaluation), `uint8` is `utils.data_utils`' `train_pixels` / `eval_pixels` with uint8 batches (on CUDA also
 moved and normalised on the device, `DeviceBatches`); `uint8 shards` reads the same JPEGs from tar shards
-(scripts/make_shards.py, `ShardImages`). Configurations run interleaved, round by round, and the
-table shows each one's best round (the least disturbed by other work on the machine); images/s per worker is
-the loader's images/s divided by its workers. `--device cuda` adds GPU decoding (torchvision.io.decode_jpeg on
-CUDA) as a row.
+(scripts/make_shards.py, `ShardImages`), `vs_folder_uint8` its rate over the folder reader's. Configurations run
+interleaved, round by round, and the table shows each one's best round (the least disturbed by other work on the
+machine); images/s per worker is the loader's images/s divided by its workers. `--device cuda` adds GPU decoding
+(torchvision.io.decode_jpeg on CUDA) as a row.
 
 Scan rows. `scan` builds a tree of empty files (1000 class folders) on a tmpfs (/dev/shm, else the temporary
 folder), then times `scan_image_folder` cold (no cached list) and with the cached list it writes.
@@ -185,6 +185,7 @@ def loader_table(args: argparse.Namespace) -> list[dict]:
                               '--shard_size', str(max(1, args.images // 16))])
         shards = str(Path(tmp) / 'shards' / 'train-*.tar')
         transforms_ = pipelines(args.img_size)
+        transforms_['train', 'uint8 shards'] = transforms_['train', 'uint8']
         transforms_['eval', 'uint8 shards'] = transforms_['eval', 'uint8']
         configs = [(split, kind, workers) for workers in args.num_workers for split, kind in transforms_]
         best: dict[tuple, float] = {}
@@ -197,10 +198,11 @@ def loader_table(args: argparse.Namespace) -> list[dict]:
         rows = []
         for split, kind, workers in configs:
             rate = best[split, kind, workers]
-            baseline = best[split, 'float32', workers]  # shards: against the folder's float32 eval
+            baseline = best[split, 'float32', workers]  # shards: against the folder's float32 pipeline
             rows.append({'pipeline': split, 'dtype': kind, 'workers': workers, 'images_s': round(rate, 1),
                          'images_s_per_worker': round(rate / max(workers, 1), 1),
-                         'speedup': round(rate / baseline, 2)})
+                         'speedup': round(rate / baseline, 2),
+                         'vs_folder_uint8': round(rate / best[split, 'uint8', workers], 2) if 'shards' in kind else ''})
         if device.type == 'cuda':
             rate = gpu_decode_rate(root, args.img_size, args.batch_size, args.passes)
             rows.append({'pipeline': 'eval (resize only)', 'dtype': 'uint8, decode_jpeg on CUDA', 'workers': 0,

@@ -91,7 +91,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     16-bit modes (I;16*) have a full scale of 65535. 32-bit modes (I, F) have none: their own range,
     minimum to maximum of the finite values, becomes 0 to 255 (a constant image becomes black, NaN black).
+    An RGB image is returned as it is (PIL's convert would copy it: a tenth of the training transform's time).
     """
+    if image.mode == 'RGB':
+        return image
     if image.mode.startswith('I;16'):
         array = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
     elif image.mode in ('I', 'F'):

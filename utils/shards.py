@@ -69,7 +69,8 @@ class ShardImages(torch.utils.data.IterableDataset):
         if len(self.urls) != meta['shards']:
             raise ValueError(f"{pattern} matches {len(self.urls)} shards; its shards say there are {meta['shards']}")
         self.classes, self.folders, self.size = meta['classes'], meta['folders'], meta['total']
-        self.shard_size, self.plan = meta['shard_size'], meta['plan']  # every shard holds this many images but the last, the rest
+        # Every shard holds shard_size images but the last, the rest; plan: the hash of the images' order
+        self.shard_size, self.plan = meta['shard_size'], meta['plan']
         self.transform, self.seed, self.epoch = transform, seed, 0
         self.rank, self.world_size, self.skip_corrupt = rank, world_size, skip_corrupt
 
