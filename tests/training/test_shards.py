@@ -251,11 +251,12 @@ def free_port() -> int:
 
 
 def one_training_epoch(rank: int, world: int, port: int, argv: list[str], out: Path) -> None:
-    """In a gloo process group: train.py's training loader for epoch 0, its uint8 batches saved."""
-    multiprocessing.set_start_method('fork', force=True)  # loader workers as train.py's get them (spawn's child)
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    sys.path.insert(0, str(ROOT))
+    """train.py's training loader for epoch 0, its uint8 batches saved: in a gloo process group of `world`
+    spawned processes, or in this one for one process."""
+    if world > 1:
+        multiprocessing.set_start_method('fork', force=True)  # loader workers as train.py's get them
+        os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                          LOCAL_RANK=str(rank))
     import train
     from utils import dist_util
     device = dist_util.init_distributed('cpu')
@@ -276,7 +277,10 @@ def test_train_py_epoch_over_shards_sees_each_image_once_on_one_and_two_processe
     for world in (1, 2):
         out = tmp_path / f'world{world}'
         out.mkdir()
-        torch.multiprocessing.spawn(one_training_epoch, (world, free_port(), argv, out), nprocs=world)
+        if world == 1:
+            one_training_epoch(0, 1, 0, argv, out)
+        else:
+            torch.multiprocessing.spawn(one_training_epoch, (world, free_port(), argv, out), nprocs=world)
         ranks = [torch.load(out / f'rank{rank}.pt') for rank in range(world)]
         assert [sum(len(labels) for _, labels in batches) for batches in ranks] == [40 // world] * world
         seen = Counter(key(image, label) for batches in ranks for images, labels in batches
