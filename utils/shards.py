@@ -202,9 +202,8 @@ class TrainingShards(ShardImages):
         for shard in self.shard_order():
             count = min(self.shard_size, self.size - shard * self.shard_size)
             if position + count > begin and position < end:
-                for at, sample in enumerate(self._samples(shard), start=position):
-                    if at >= end:
-                        break
+                needed = itertools.islice(self._samples(shard), end - position)  # no image past `end` is read
+                for at, sample in enumerate(needed, start=position):
                     if at >= begin:
                         yield self._item(shard, sample)
             position += count
