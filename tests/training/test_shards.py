@@ -301,3 +301,11 @@ def test_sigkill_then_resume_on_shards_is_bit_exact(tmp_path):
     assert torch.load(checkpoint, weights_only=True)['step'] == steps
     for name, value in expected.items():
         assert torch.equal(final[name], value), name
+
+
+def test_train_py_takes_shards_and_val_shards_together(capsys):
+    import train
+    for given in (['--shards', 'train-*.tar'], ['--val_shards', 'val-*.tar']):
+        with pytest.raises(SystemExit):
+            train.get_args(['--name', 'x', *given])
+        assert '--shards and --val_shards: expected both' in capsys.readouterr().err
