@@ -10,7 +10,7 @@ crops resized to ImageNet-like sizes (`imagenet_like_size`: mostly 500 px on the
 a tenth smaller and a tenth larger, up to 1600 px) and saved at quality 90. Each configuration reads them
 through a DataLoader as train.py does: `float32` is the pipeline before the uint8 one (torchvision's
 RandomResizedCrop, RandomHorizontalFlip, ToTensor and Normalize on PIL images; Resize, ToTensor and Normalize
-for evaluation), `uint8` is `utils.data_utils`' `train_pixels` / `eval_pixels` with uint8 batches (on CUDA also
+for evaluation), `uint8` is `utils.images`' `train_pixels` / `eval_pixels` with uint8 batches (on CUDA also
 moved and normalised on the device, `DeviceBatches`); `uint8 shards` reads the same JPEGs from tar shards
 (scripts/make_shards.py, `ShardImages`), `vs_folder_uint8` its rate over the folder reader's. Configurations run
 interleaved, round by round, and the table shows each one's best round (the least disturbed by other work on the
