@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 from model import timm_trar
 from model.config import parse_orders
 from utils import dist_util, inference, outputs
-from utils.data_utils import (DATASETS, DeviceBatches, ShardImages, UnreadableImage, collate_skipping_none,
-                              eval_pixels, evaluation_set, load_split, preprocess_of)
+from utils.data_utils import DATASETS, DeviceBatches, collate_skipping_none, evaluation_set, load_split
+from utils.images import UnreadableImage, eval_pixels, preprocess_of
+from utils.shards import ShardImages
 from utils.engine import Precision, evaluate
 from utils.errors import command_line
 from utils.files import describe

@@ -25,9 +25,11 @@ from PIL import Image
 from model import timm_trar
 from model.config import parse_orders
 from model.modeling import VisionTransformer
-from utils import data_utils, inference, outputs
-from utils.data_utils import (DATASETS, UnreadableImage, class_names, get_eval_transform, imagenet_1k_names,
-                              is_image_file, preprocess_of)
+import utils.images
+from utils import inference, outputs
+from utils.data_utils import DATASETS, class_names
+from utils.folders import imagenet_1k_names, is_image_file
+from utils.images import UnreadableImage, get_eval_transform, preprocess_of
 from utils.files import describe
 from utils.tool import check_arguments
 from utils.errors import command_line, one_line
@@ -131,7 +133,7 @@ def image_paths(path: Path) -> list[Path]:
 def read_image(path: Path) -> Image.Image:
     """Open and fully decode an image (training's reader), so that a bad file fails here, clearly."""
     try:
-        return data_utils.read_image(path)
+        return utils.images.read_image(path)
     except UnreadableImage as error:
         raise InputError(str(error)) from None
 

@@ -45,8 +45,10 @@ from utils import checkpoint as checkpoints
 from utils import dist_util, recipes
 from utils.augment import build_mixup, check_mixup_batch, train_loss, train_transform
 from utils.checkpoint import CheckpointSaver
-from utils.data_utils import (DATASETS, Augmented, DeviceBatches, ShardedSampler, UnreadableImage,
-                              check_same_classes, collate_skipping_none, eval_pixels, load_split, preprocess_of)
+from utils.data_utils import (DATASETS, Augmented, DeviceBatches, ShardedSampler, check_same_classes,
+                              collate_skipping_none, load_split)
+from utils.images import UnreadableImage, eval_pixels, preprocess_of
+from utils.shards import ShardImages, TrainingShards
 from utils.engine import (OPT_LEVELS, Evaluation, Optimization, Precision, RunState, TrainingData, TrainStats,
                           evaluate, peak_memory_mib, train_until)
 from utils.errors import RunError, command_line, stop_at_first_interrupt
@@ -103,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
     p.add_argument('--tau_policy', choices=TAU_POLICIES, default='slow', help='temperature schedule of hard routing')
     p.add_argument('--skip_corrupt', action='store_true', help='skip unreadable images with a warning and a count')
+    p.add_argument('--shards', default=None,
+                   help="train on tar shards from scripts/make_shards.py instead of --data_dir: "
+                        "'shards/train-{000000..001281}.tar', a glob or a URL pattern (with --val_shards)")
+    p.add_argument('--val_shards', default=None, help='the validation shards, with --shards')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (training and evaluation)')
     p.add_argument('--local_rank', '--local-rank', type=int, default=-1,
                    help='ignored (torchrun sets LOCAL_RANK); accepted for torch.distributed.launch')
@@ -126,6 +132,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.recipe_overrides = {field: list(values) for field, values in recipes.resolve(args).items()}
     except ValueError as error:
         p.error(str(error))
+    if (args.shards is None) != (args.val_shards is None):
+        p.error("--shards and --val_shards: expected both (training and validation shards) or neither")
     if args.loss_scale < 0 or (args.loss_scale > 0 and not math.log2(args.loss_scale).is_integer()):
         p.error(f"--loss_scale {args.loss_scale:g}: expected 0 (dynamic) or a power of two")
     for flag in ('img_size', 'train_batch_size', 'eval_batch_size', 'eval_every', 'num_steps',
@@ -399,30 +407,43 @@ def build_optimization(args: argparse.Namespace, model: VisionTransformer, devic
                                  args.max_grad_norm, tau, train_loss(mix is not None, args.smoothing), mix, ema)
 
 
-def build_datasets(args: argparse.Namespace) -> tuple[Augmented, Augmented]:
-    """The training and validation sets, with the same classes."""
+def build_datasets(args: argparse.Namespace) -> tuple[Augmented | TrainingShards, Augmented | ShardImages]:
+    """The training and validation sets (folders, downloads or --shards), with the same classes."""
+    preprocess = preprocess_of(args.model_type)
+    if args.shards:
+        rank, world = dist_util.get_rank(), dist_util.get_world_size()
+        train_set = TrainingShards(args.shards, train_transform(args.img_size, args.augment, args.aa, args.reprob,
+                                                                preprocess), args.seed, rank, world,
+                                   args.skip_corrupt, args.train_batch_size, micro_batch_size(args, world))
+        val_set = ShardImages(args.val_shards, eval_pixels(args.img_size, preprocess), rank=rank, world_size=world,
+                              skip_corrupt=args.skip_corrupt)
+        check_same_classes(train_set, val_set)
+        return train_set, val_set
     out_dir = Path(args.output_dir) / args.name  # each split's file list is cached there
     train_images = load_split(args.dataset, args.data_dir, True, args.skip_corrupt, out_dir / 'train_files.txt')
     val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt, out_dir / 'val_files.txt')
     check_same_classes(train_images, val_images)
-    preprocess = preprocess_of(args.model_type)
     transform = train_transform(args.img_size, args.augment, args.aa, args.reprob, preprocess)
     return Augmented(train_images, transform, args.seed), Augmented(val_images, eval_pixels(args.img_size, preprocess),
                                                                     args.seed)
 
 
-def build_loaders(args: argparse.Namespace, train_set: Augmented, val_set: Augmented, micro_batch: int,
-                  device: torch.device) -> tuple[TrainingData, DataLoader]:
+def build_loaders(args: argparse.Namespace, train_set: Augmented | TrainingShards, val_set: Augmented | ShardImages,
+                  micro_batch: int, device: torch.device) -> tuple[TrainingData, DataLoader]:
     """The training order is a function of (seed, epoch), resumable mid-epoch; validation is split into disjoint
-    shards, so every image is counted exactly once."""
+    parts, so every image is counted exactly once (shards place and split themselves)."""
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    sampler = ShardedSampler(len(train_set), args.train_batch_size, rank, world, args.seed)
     collate = partial(collate_skipping_none, image_shape=(3, args.img_size, args.img_size))
     options = dict(num_workers=args.num_workers, collate_fn=collate, pin_memory=device.type == 'cuda',
                    generator=torch.Generator())
-    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True, **options)
-    val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, sampler=range(rank, len(val_set), world),
-                            **options)
+    if isinstance(train_set, TrainingShards):
+        train_loader = DataLoader(train_set, batch_size=micro_batch, **options)
+        val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, **options)
+    else:
+        sampler = ShardedSampler(len(train_set), args.train_batch_size, rank, world, args.seed)
+        train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True, **options)
+        val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, sampler=range(rank, len(val_set), world),
+                                **options)
     # uint8 batches, normalised on the device
     preprocess = preprocess_of(args.model_type)
     train_loader, val_loader = (DeviceBatches(loader, device, preprocess) for loader in (train_loader, val_loader))

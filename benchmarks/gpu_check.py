@@ -104,7 +104,8 @@ def import_project() -> None:
     import bench
     import model.attention.flex as flex
     from model import attention as trar
-    from utils.data_utils import Augmented, collate_skipping_none, get_train_transform, load_split
+    from utils.data_utils import Augmented, collate_skipping_none, load_split
+    from utils.images import get_train_transform
     from utils.engine import Precision
     try:
         import timm

@@ -10,12 +10,12 @@ crops resized to ImageNet-like sizes (`imagenet_like_size`: mostly 500 px on the
 a tenth smaller and a tenth larger, up to 1600 px) and saved at quality 90. Each configuration reads them
 through a DataLoader as train.py does: `float32` is the pipeline before the uint8 one (torchvision's
 RandomResizedCrop, RandomHorizontalFlip, ToTensor and Normalize on PIL images; Resize, ToTensor and Normalize
-for evaluation), `uint8` is `utils.data_utils`' `train_pixels` / `eval_pixels` with uint8 batches (on CUDA also
+for evaluation), `uint8` is `utils.images`' `train_pixels` / `eval_pixels` with uint8 batches (on CUDA also
 moved and normalised on the device, `DeviceBatches`); `uint8 shards` reads the same JPEGs from tar shards
-(scripts/make_shards.py, `ShardImages`). Configurations run interleaved, round by round, and the
-table shows each one's best round (the least disturbed by other work on the machine); images/s per worker is
-the loader's images/s divided by its workers. `--device cuda` adds GPU decoding (torchvision.io.decode_jpeg on
-CUDA) as a row.
+(scripts/make_shards.py, `ShardImages`), `vs_folder_uint8` its rate over the folder reader's. Configurations run
+interleaved, round by round, and the table shows each one's best round (the least disturbed by other work on the
+machine); images/s per worker is the loader's images/s divided by its workers. `--device cuda` adds GPU decoding
+(torchvision.io.decode_jpeg on CUDA) as a row.
 
 Scan rows. `scan` builds a tree of empty files (1000 class folders) on a tmpfs (/dev/shm, else the temporary
 folder), then times `scan_image_folder` cold (no cached list) and with the cached list it writes.
@@ -39,9 +39,10 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils import data_utils  # noqa: E402
-from utils.data_utils import (Augmented, DeviceBatches, Preprocess, ShardImages, collate_skipping_none,  # noqa: E402
-                              decode, eval_pixels, load_split, to_rgb, train_pixels)
+from utils import folders  # noqa: E402
+from utils.data_utils import Augmented, DeviceBatches, collate_skipping_none, load_split  # noqa: E402
+from utils.images import Preprocess, decode, eval_pixels, to_rgb, train_pixels  # noqa: E402
+from utils.shards import ShardImages  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'scripts'))
 import make_shards  # noqa: E402
 
@@ -184,6 +185,7 @@ def loader_table(args: argparse.Namespace) -> list[dict]:
                               '--shard_size', str(max(1, args.images // 16))])
         shards = str(Path(tmp) / 'shards' / 'train-*.tar')
         transforms_ = pipelines(args.img_size)
+        transforms_['train', 'uint8 shards'] = transforms_['train', 'uint8']
         transforms_['eval', 'uint8 shards'] = transforms_['eval', 'uint8']
         configs = [(split, kind, workers) for workers in args.num_workers for split, kind in transforms_]
         best: dict[tuple, float] = {}
@@ -196,10 +198,11 @@ def loader_table(args: argparse.Namespace) -> list[dict]:
         rows = []
         for split, kind, workers in configs:
             rate = best[split, kind, workers]
-            baseline = best[split, 'float32', workers]  # shards: against the folder's float32 eval
+            baseline = best[split, 'float32', workers]  # shards: against the folder's float32 pipeline
             rows.append({'pipeline': split, 'dtype': kind, 'workers': workers, 'images_s': round(rate, 1),
                          'images_s_per_worker': round(rate / max(workers, 1), 1),
-                         'speedup': round(rate / baseline, 2)})
+                         'speedup': round(rate / baseline, 2),
+                         'vs_folder_uint8': round(rate / best[split, 'uint8', workers], 2) if 'shards' in kind else ''})
         if device.type == 'cuda':
             rate = gpu_decode_rate(root, args.img_size, args.batch_size, args.passes)
             rows.append({'pipeline': 'eval (resize only)', 'dtype': 'uint8, decode_jpeg on CUDA', 'workers': 0,
@@ -229,7 +232,7 @@ def scan_table(args: argparse.Namespace) -> list[dict]:
         rows = []
         for label, cached in (('cold', None), ('writes the cached list', cache), ('with the cached list', cache)):
             started = time.perf_counter()
-            _, samples = data_utils.scan_image_folder(root, cache=cached)
+            _, samples = folders.scan_image_folder(root, cache=cached)
             seconds = time.perf_counter() - started
             assert len(samples) == made
             rows.append({'scan': label, 'files': made, 'seconds': round(seconds, 2)})

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model.modeling import VisionTransformer  # noqa: E402
 from plot_curves import read_scalars  # noqa: E402
 from utils import inference, outputs, tool  # noqa: E402
-from utils.data_utils import Augmented, collate_skipping_none, get_eval_transform, load_split  # noqa: E402
+from utils.data_utils import Augmented, collate_skipping_none, load_split  # noqa: E402
+from utils.images import get_eval_transform  # noqa: E402
 from utils.engine import Precision, evaluate  # noqa: E402
 from utils.visualize import draw_routing, order_label  # noqa: E402
 

@@ -15,7 +15,7 @@ from timm.data.mixup import mixup_target
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torchvision import transforms
 
-from utils.data_utils import CROP_SCALE, Preprocess, to_rgb, train_pixels
+from utils.images import CROP_SCALE, Preprocess, to_rgb, train_pixels
 
 
 def check_auto_augment(aa: str | None) -> None:

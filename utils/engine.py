@@ -112,12 +112,18 @@ def add_skipped(known: list[int], local: list[int]) -> None:
 class TrainingData:
     """The training loader, placed at an epoch and an optimizer step within it: the order of the samples is a
     function of (seed, epoch), so a run continues mid-epoch exactly where it stopped."""
-    loader: DataLoader  # its sampler and dataset have `set_epoch` (utils.data_utils.ShardedSampler, Augmented)
+    # Its sampler and dataset have `set_epoch` (utils.data_utils.ShardedSampler, Augmented), or its dataset places
+    # itself (utils.shards.TrainingShards: set_epoch(epoch, start)).
+    loader: DataLoader
     samples_per_step: int  # this process's samples per optimizer step: micro-batch x accumulation steps
 
     def at(self, epoch: int, epoch_step: int) -> DataLoader:
-        self.loader.sampler.set_epoch(epoch, start=epoch_step * self.samples_per_step)
-        self.loader.dataset.set_epoch(epoch)
+        start = epoch_step * self.samples_per_step
+        if hasattr(self.loader.sampler, 'set_epoch'):
+            self.loader.sampler.set_epoch(epoch, start=start)
+            self.loader.dataset.set_epoch(epoch)
+        else:
+            self.loader.dataset.set_epoch(epoch, start=start)
         return self.loader
 
 

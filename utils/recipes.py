@@ -12,7 +12,7 @@ Any flag given on the command line overrides the recipe's value; `resolve` says 
 import argparse
 from typing import Any
 
-from utils.data_utils import AUGMENTS
+from utils.images import AUGMENTS
 
 # The value every recipe gives each flag it sets; a flag a recipe does not name keeps the `vit` value.
 RECIPES: dict[str, dict[str, Any]] = {

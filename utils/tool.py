@@ -9,7 +9,7 @@ from typing import Callable, NoReturn
 
 from model.config import parse_orders
 
-from utils.data_utils import UnreadableImage
+from utils.images import UnreadableImage
 from utils.errors import one_line
 from utils.files import describe
 

@@ -327,7 +327,7 @@ def test_test_py_predicts_with_timm_weights(tmp_path, capsys):
     source = timm_vit()
     save_file(source.state_dict(), tmp_path / 'vit.safetensors')
     from PIL import Image
-    from utils.data_utils import get_eval_transform
+    from utils.images import get_eval_transform
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
     picture.save(tmp_path / 'noise.png')
     status = cli.main(['--ckpt', str(tmp_path / 'vit.safetensors'), '--model_type', 'testing',

@@ -19,7 +19,8 @@ from PIL import Image
 import train
 from model.modeling import VisionTransformer
 from train_helpers import ROOT, edited_checkpoint, tiny_args
-from utils.data_utils import digits_split, get_eval_transform
+from utils.data_utils import digits_split
+from utils.images import get_eval_transform
 
 _spec = importlib.util.spec_from_file_location('eval_cli', ROOT / 'eval.py')
 eval_cli = importlib.util.module_from_spec(_spec)

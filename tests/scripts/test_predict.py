@@ -16,7 +16,7 @@ from model.config import get_config
 from model.modeling import VisionTransformer
 from official_npz import make_official_weights, numpy_vit_logits
 from train_helpers import edited_checkpoint
-from utils.data_utils import get_eval_transform
+from utils.images import get_eval_transform
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location('predict_cli', ROOT / 'test.py')

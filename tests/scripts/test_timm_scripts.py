@@ -163,7 +163,7 @@ def test_train_py_starts_from_a_hub_id_as_from_its_file(timm_file, tmp_path, mon
 def test_training_preprocessing_follows_the_timm_models_config():
     """train.py's transforms for a timm model: DeiT's ImageNet mean/std, for the augmented and the plain view."""
     from model.timm_trar import data_config
-    from utils.data_utils import Preprocess, get_train_transform
+    from utils.images import Preprocess, get_train_transform
     config = data_config(f'timm:{NAME}')
     gray = Image.new('RGB', (40, 40), (128, 128, 128))
     expected = (128 / 255 - torch.tensor(config['mean'])) / torch.tensor(config['std'])

@@ -10,9 +10,10 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
-from utils.data_utils import (Augmented, ShardedSampler, UnreadableImage, check_same_classes, class_names,
-                              collate_skipping_none, digits_split, get_eval_transform, get_train_transform,
-                              imagenet_names, load_split, scan_image_folder, to_rgb)
+from utils.data_utils import (Augmented, ShardedSampler, check_same_classes, class_names, collate_skipping_none,
+                              digits_split, load_split)
+from utils.folders import imagenet_names, scan_image_folder
+from utils.images import UnreadableImage, get_eval_transform, get_train_transform, to_rgb
 from utils.scheduler import build_scheduler, lr_factor, tau_at
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,7 +266,7 @@ def test_the_scan_stats_folders_and_links_only(tmp_path, monkeypatch):
 
 
 def test_the_cached_file_list_is_used_until_a_folder_changes(tmp_path, monkeypatch):
-    from utils import data_utils
+    from utils import folders as folder_scan
     split = image_tree_of_pngs(tmp_path / 'train')
     cache = tmp_path / 'run' / 'train_files.txt'
     cache.parent.mkdir()
@@ -274,13 +275,13 @@ def test_the_cached_file_list_is_used_until_a_folder_changes(tmp_path, monkeypat
 
     def no_walk(*args):
         raise AssertionError('walked although the cached list is valid')
-    monkeypatch.setattr(data_utils._FolderScan, 'walk', no_walk)
+    monkeypatch.setattr(folder_scan._FolderScan, 'walk', no_walk)
     assert scan_image_folder(split, cache) == expected
     monkeypatch.undo()
     Image.new('RGB', (4, 4)).save(split / 'dog' / 'nested' / 'new.png')  # a nested folder changes
     folders, samples = scan_image_folder(split, cache)
     assert len(samples) == len(expected[1]) + 1
-    assert data_utils.read_file_list(cache, split) == (folders, samples)
+    assert folder_scan.read_file_list(cache, split) == (folders, samples)
     foreign = tmp_path / 'notes.txt'
     foreign.write_text('mine')
     assert scan_image_folder(split, foreign) == (folders, samples) and foreign.read_text() == 'mine'

@@ -21,8 +21,9 @@ from model.config import get_config, validate_config
 from model.modeling import VisionTransformer
 from train_helpers import ROOT, run_train, tiny_args
 from utils import checkpoint as checkpoints
-from utils import data_utils
-from utils.data_utils import UnreadableImage, read_image, scan_image_folder, to_rgb
+from utils import folders
+from utils.folders import scan_image_folder
+from utils.images import UnreadableImage, read_image, to_rgb
 from utils.errors import RunError
 from utils.files import RunFolder, remove_stale_temporaries
 
@@ -296,10 +297,10 @@ def test_a_decompression_bomb_is_named_as_such(tmp_path, monkeypatch):
 
 
 def test_imagenet_names_need_the_real_imagenet_classes():
-    wnids = data_utils.IMAGENET_WNIDS.read_text().split()
+    wnids = folders.IMAGENET_WNIDS.read_text().split()
     assert len(set(wnids)) == 1000 and wnids == sorted(wnids) and wnids[0] == 'n01440764'
-    assert data_utils.imagenet_names(wnids)[0] == 'tench'
-    assert data_utils.imagenet_names(wnids[:-1] + ['n99999999']) == wnids[:-1] + ['n99999999']
+    assert folders.imagenet_names(wnids)[0] == 'tench'
+    assert folders.imagenet_names(wnids[:-1] + ['n99999999']) == wnids[:-1] + ['n99999999']
 
 
 # ---------------------------------------------------------------------------------------------

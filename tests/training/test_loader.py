@@ -11,9 +11,9 @@ from PIL import Image
 from timm.data import create_transform
 from torchvision import transforms
 
-from utils.data_utils import (Augmented, DeviceBatches, Preprocess, TrainPixels, collate_skipping_none, decode,
-                              eval_pixels, get_eval_transform, load_split, normalize, open_image, read_image,
-                              to_rgb, train_pixels)
+from utils.data_utils import Augmented, DeviceBatches, collate_skipping_none, load_split
+from utils.images import (Preprocess, TrainPixels, decode, eval_pixels, get_eval_transform, normalize, open_image,
+                          read_image, to_rgb, train_pixels)
 
 PHOTO = Path(matplotlib.get_data_path()) / 'sample_data' / 'grace_hopper.jpg'  # a real 512 x 600 JPEG
 

@@ -1,8 +1,13 @@
 """Tar shards (scripts/make_shards.py) read with webdataset: each image once over processes and workers, the
-pixels of the folder reader, deterministic and resumable writing, one-line errors for damaged shards."""
+pixels of the folder reader, deterministic and resumable writing, one-line errors for damaged shards; training
+on shards: equal steps per process, each image at most once an epoch, exact resume."""
 import io
+import multiprocessing
+import os
+import socket
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +16,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils.data_utils import (Augmented, ShardImages, Skipped, UnreadableImage, collate_skipping_none, eval_pixels,
-                              load_split, train_pixels)
+from utils.data_utils import Augmented, collate_skipping_none, load_split
+from utils.images import Skipped, UnreadableImage, eval_pixels, train_pixels
+from utils.shards import ShardImages, TrainingShards
+from train_helpers import killed_and_resumed, tiny_args, weights
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / 'scripts'))
@@ -168,3 +175,137 @@ def test_eval_py_on_shards_counts_each_image_once_as_on_the_folder(tmp_path):
     assert shards['images'] == folder['images'] == 30
     for key in ('top1', 'top5', 'loss'):
         assert shards[key] == pytest.approx(folder[key], rel=1e-6)
+
+
+def key(image: torch.Tensor, label: int) -> tuple:
+    return tuple(image.flatten().tolist()) + (int(label),)
+
+
+def folder_keys(root: Path) -> Counter:
+    folder = Augmented(load_split('imagenet', str(root), train=True), eval_pixels(8), seed=0)
+    return Counter(key(*folder[i]) for i in range(len(folder)))
+
+
+def training_batches(pattern: str, world: int, workers: int, global_batch: int, micro: int, epoch: int = 0,
+                     start: int = 0, skip: bool = False) -> list[list[list]]:
+    """Per process, its micro-batches of one epoch (identified by pixels and label, or a Skipped)."""
+    ranks = []
+    for rank in range(world):
+        data = TrainingShards(pattern, eval_pixels(8), 0, rank, world, skip, global_batch, micro)
+        data.set_epoch(epoch, start)
+        loader = DataLoader(data, batch_size=micro, num_workers=workers, collate_fn=lambda batch: batch)
+        ranks.append([[item if isinstance(item, Skipped) else key(*item) for item in batch] for batch in loader])
+    return ranks
+
+
+def test_training_shards_give_every_process_equal_steps_each_image_at_most_once(tmp_path):
+    root = digits_tree(tmp_path / 'data')  # 40 images in shards of 7: 7, 7, 7, 7, 7, 5
+    shard(root, tmp_path / 'shards')
+    pattern, images = str(tmp_path / 'shards' / 'train-*.tar'), folder_keys(root)
+    for world, global_batch in ((1, 12), (2, 12), (3, 12), (2, 8)):
+        used = 40 // global_batch * global_batch  # whole global batches: 36 of 40 images, or all 40
+        micro = global_batch // world
+        by_workers = {}
+        for workers in (0, 2):
+            ranks = training_batches(pattern, world, workers, global_batch, micro)
+            assert [sum(map(len, batches)) for batches in ranks] == [used // world] * world  # equal steps
+            assert all(len(batch) == micro for batches in ranks for batch in batches)
+            seen = Counter(item for batches in ranks for batch in batches for item in batch)
+            assert sum(seen.values()) == used and not seen - images  # each image at most once (once if all used)
+            by_workers[workers] = [sorted(batches) for batches in ranks]
+        assert by_workers[0] == by_workers[2], world  # the same micro-batches, in another order
+    first, second = (training_batches(pattern, 1, 0, 12, 12, epoch) for epoch in (0, 1))
+    assert first != second  # the shard order is shuffled by epoch: other batches, other images left out
+
+
+def test_training_shards_resume_mid_epoch_with_the_remaining_micro_batches(tmp_path):
+    shard(digits_tree(tmp_path / 'data'), tmp_path / 'shards')
+    pattern = str(tmp_path / 'shards' / 'train-*.tar')
+    for workers in (2, 3):
+        [whole] = training_batches(pattern, 1, workers, 12, 4, epoch=1)  # 9 micro-batches of 4
+        for done in (1, 2, 5):
+            [rest] = training_batches(pattern, 1, workers, 12, 4, epoch=1, start=done * 4)
+            assert rest == whole[done:], (workers, done)
+
+
+def test_training_shards_skip_the_images_of_a_truncated_shard_in_place(tmp_path):
+    paths = shard(digits_tree(tmp_path / 'data'), tmp_path / 'shards')
+    pattern = str(tmp_path / 'shards' / 'train-*.tar')
+    whole = training_batches(pattern, 2, 0, 8, 4)
+    data = paths[2].read_bytes()
+    paths[2].write_bytes(data[:len(data) // 2])
+    with pytest.raises(UnreadableImage, match=r'train-000002\.tar is damaged or truncated .* \(use --skip_corrupt'):
+        training_batches(pattern, 2, 0, 8, 4)
+    damaged = training_batches(pattern, 2, 0, 8, 4, skip=True)
+    assert [[len(batch) for batch in batches] for batches in damaged] == [[4] * 5] * 2  # equal steps still
+    lost = [item.index for batches in damaged for batch in batches for item in batch if isinstance(item, Skipped)]
+    assert 0 < len(lost) < 7 and set(lost) <= set(range(14, 21))  # part of shard 2 (images 14 to 20) is lost
+    kept = [(whole[r][b][i], item) for r, batches in enumerate(damaged) for b, batch in enumerate(batches)
+            for i, item in enumerate(batch) if not isinstance(item, Skipped)]
+    assert len(kept) == 40 - len(lost) and all(a == b for a, b in kept)  # the rest where it was
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def one_training_epoch(rank: int, world: int, port: int, argv: list[str], out: Path) -> None:
+    """train.py's training loader for epoch 0, its uint8 batches saved: in a gloo process group of `world`
+    spawned processes, or in this one for one process."""
+    if world > 1:
+        multiprocessing.set_start_method('fork', force=True)  # loader workers as train.py's get them
+        os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                          LOCAL_RANK=str(rank))
+    import train
+    from utils import dist_util
+    device = dist_util.init_distributed('cpu')
+    args = train.get_args(argv)
+    train_set, val_set = train.build_datasets(args)
+    data, _ = train.build_loaders(args, train_set, val_set, train.micro_batch_size(args, world), device)
+    torch.save([(images, labels) for images, labels, _ in data.at(0, 0).loader], out / f'rank{rank}.pt')
+    dist_util.cleanup()
+
+
+def test_train_py_epoch_over_shards_sees_each_image_once_on_one_and_two_processes(tmp_path):
+    root = digits_tree(tmp_path / 'data')
+    shard(root, tmp_path / 'shards')
+    images = folder_keys(root)
+    pattern = str(tmp_path / 'shards' / 'train-*.tar')
+    argv = tiny_args(tmp_path, 'epoch', '--dataset', 'imagenet', '--shards', pattern, '--val_shards', pattern,
+                     '--img_size', '8', '--augment', 'none', '--num_workers', '1', batch=8)  # 40 = 5 steps of 8
+    for world in (1, 2):
+        out = tmp_path / f'world{world}'
+        out.mkdir()
+        if world == 1:
+            one_training_epoch(0, 1, 0, argv, out)
+        else:
+            torch.multiprocessing.spawn(one_training_epoch, (world, free_port(), argv, out), nprocs=world)
+        ranks = [torch.load(out / f'rank{rank}.pt') for rank in range(world)]
+        assert [sum(len(labels) for _, labels in batches) for batches in ranks] == [40 // world] * world
+        seen = Counter(key(image, label) for batches in ranks for images, labels in batches
+                       for image, label in zip(images, labels))
+        assert seen == images, world  # every image exactly once
+
+
+def test_sigkill_then_resume_on_shards_is_bit_exact(tmp_path):
+    shard(digits_tree(tmp_path / 'data'), tmp_path / 'shards')
+    pattern = str(tmp_path / 'shards' / 'train-*.tar')
+    common = ('--dataset', 'imagenet', '--shards', pattern, '--val_shards', pattern, '--num_workers', '2',
+              '--eval_every', '3')
+    steps = 8  # 5 an epoch: the resumed run crosses an epoch boundary
+    resumed, killed_at, checkpoint, whole = killed_and_resumed(
+        tmp_path, tiny_args(tmp_path, 'whole', *common, steps=steps, batch=8),
+        tiny_args(tmp_path, 'killed', *common, steps=steps, batch=8), steps)
+    final, expected = weights(checkpoint), weights(whole)
+    assert torch.load(checkpoint, weights_only=True)['step'] == steps
+    for name, value in expected.items():
+        assert torch.equal(final[name], value), name
+
+
+def test_train_py_takes_shards_and_val_shards_together(capsys):
+    import train
+    for given in (['--shards', 'train-*.tar'], ['--val_shards', 'val-*.tar']):
+        with pytest.raises(SystemExit):
+            train.get_args(['--name', 'x', *given])
+        assert '--shards and --val_shards: expected both' in capsys.readouterr().err

@@ -18,7 +18,8 @@ from model.modeling import VisionTransformer
 from official_npz import make_official_weights
 from train_helpers import ROOT, run_train, tiny_args
 from utils import checkpoint as checkpoints
-from utils.data_utils import UnreadableImage, digits_split, get_eval_transform
+from utils.data_utils import digits_split
+from utils.images import UnreadableImage, get_eval_transform
 from utils.engine import Optimization, Precision, RunState, evaluate, optimizer_steps
 from utils.errors import one_line
 from utils.scheduler import lr_factor
