@@ -141,5 +141,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == '__main__':
-    command_line(main, expected=(ValueError, OSError, UnreadableImage),
+    command_line(main, 'eval.py', expected=(ValueError, OSError, UnreadableImage),
                  interrupted='interrupted (Ctrl-C): nothing was written')

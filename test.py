@@ -238,4 +238,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    command_line(main, expected=(InputError,))
+    command_line(main, 'test.py', expected=(InputError, ValueError, OSError))

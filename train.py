@@ -561,5 +561,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == '__main__':
-    command_line(main, expected=(ValueError, OSError, FloatingPointError, UnreadableImage),
+    command_line(main, 'train.py', expected=(ValueError, OSError, FloatingPointError, UnreadableImage),
                  interrupted="interrupted before the first training step; this run wrote no checkpoint")

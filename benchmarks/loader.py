@@ -40,6 +40,7 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import data_utils  # noqa: E402
+from utils.errors import command_line  # noqa: E402
 from utils.data_utils import (Augmented, DeviceBatches, Preprocess, ShardImages, collate_skipping_none,  # noqa: E402
                               decode, eval_pixels, load_split, to_rgb, train_pixels)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'scripts'))
@@ -290,4 +291,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == '__main__':
-    main()
+    command_line(main, 'loader.py')

@@ -1,41 +1,16 @@
-"""The one-line exit of the scripts in scripts/: `<tool>: error: <what>` on stderr, status 1; Ctrl-C, status 130.
+"""What the scripts in scripts/ share: the errors that end them in one line, and the check of their arguments.
 
 The scripts raise ValueError (bad arguments or files, one line each) and let OSError through (a full disk);
-`run` prints either as one line naming the script that failed, never a traceback.
+they end through utils.errors.command_line (with `EXPECTED`), as every tool does: one line naming the script.
 """
 import argparse
-import sys
-from typing import Callable, NoReturn
 
 from model.config import parse_orders
 
 from utils.data_utils import UnreadableImage
 from utils.errors import one_line
-from utils.files import describe
 
-EXPECTED = (ValueError, FileNotFoundError, UnreadableImage, OSError)
-
-
-def message(error: BaseException) -> str:
-    """The error's one line; an OSError's with its path and reason ('No space left on device')."""
-    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.strerror:
-        where = f"{error.filename}: " if error.filename else ''
-        return f"{where}{describe(error)}"
-    return one_line(error, limit=None)
-
-
-def run(main: Callable[[list[str] | None], object], tool: str, argv: list[str] | None = None) -> NoReturn:
-    """Run `main(argv)` and exit: 0, or one line naming `tool` (1 for an error, 130 for Ctrl-C)."""
-    try:
-        main(argv)
-    except EXPECTED as error:
-        print(f"{tool}: error: {message(error)}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.unraisablehook = lambda unraisable: None  # loader workers torn down quietly
-        print(f"{tool}: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
-        sys.exit(130)
-    sys.exit(0)
+EXPECTED = (ValueError, FileNotFoundError, UnreadableImage, OSError)  # the scripts' errors that end in one line
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, positive: tuple[str, ...]) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import sys
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -49,13 +50,30 @@ def score_grads(grad_map, maps, rows, index, widths, scale) -> tuple[torch.Tenso
 def build_directory(source: bytes | None = None, flags: list[str] | None = None) -> Path:
     """Where the kernel is built: one directory per build, under torch's extensions directory (`TORCH_EXTENSIONS_DIR`,
     else ~/.cache/torch_extensions). Its name holds Python, torch and the instruction set, and a hash of the kernel's
-    source, its compile and link flags and those three, so that checkouts share a build only when it is the same build."""
+    source, its compile and link flags, those three and the header folders the build reads (torch's and Python's,
+    which torch writes into the build's ninja file: another environment is another build), so that checkouts share
+    a build only when it is the same build. The source is compiled from a copy in that folder (`staged_source`),
+    so the checkout's own path is not part of the build."""
     source = SOURCE.read_bytes() if source is None else source
     flags = [*compile_flags(), *LINK_FLAGS] if flags is None else flags
     tag = f'py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-' \
           f'{torch.backends.cpu.get_cpu_capability()}'
-    digest = hashlib.sha256(b'\0'.join([source, ' '.join(flags).encode(), tag.encode()])).hexdigest()[:16]
+    headers = [os.path.dirname(torch.__file__), sysconfig.get_paths()['include']]
+    digest = hashlib.sha256(b'\0'.join([source, ' '.join(flags).encode(), tag.encode(),
+                                        '\0'.join(headers).encode()])).hexdigest()[:16]
     return settings.extensions_root() / f'{NAME}-{tag}-{digest}'.replace('+', '_')
+
+
+def staged_source(directory: Path) -> Path:
+    """The kernel's source copied into its build folder (written once, atomically: concurrent builds read it whole;
+    an unchanged copy keeps its time stamp, so ninja does not rebuild)."""
+    staged = directory / SOURCE.name
+    source = SOURCE.read_bytes()
+    if not staged.is_file() or staged.read_bytes() != source:
+        temporary = directory / f'.trar-tmp.{os.getpid()}.{SOURCE.name}'
+        temporary.write_bytes(source)
+        os.replace(temporary, staged)
+    return staged
 
 
 def compile_flags() -> list[str]:
@@ -80,7 +98,7 @@ def kernel():
             print(f"building routed attention's CPU kernel in {directory} (once, about 30 s)", file=sys.stderr)
         directory.mkdir(parents=True, exist_ok=True)
         os.environ['PATH'] = os.pathsep.join(filter(None, [ninja_directory(), path]))  # torch runs `ninja`
-        return cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=LINK_FLAGS,
+        return cpp_extension.load(NAME, [str(staged_source(directory))], extra_cflags=compile_flags(), extra_ldflags=LINK_FLAGS,
                                   build_directory=str(directory))
     except (Exception, SystemExit) as error:  # no compiler or ninja, a failed build: the PyTorch ops still work
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -170,7 +170,7 @@ def test_a_write_refused_by_the_system_names_the_file_not_torchs_inner_position(
     failed = subprocess.run([sys.executable, 'train.py', *tiny_args(tmp_path, 'full', steps=1)], cwd=ROOT,
                             env=ONE_THREAD, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
     assert failed.returncode == 1
-    assert last_error_line(failed.stderr) == (f"error: cannot write {tmp_path / 'full' / 'best.ckpt'}: File too "
+    assert last_error_line(failed.stderr) == (f"train.py: error: cannot write {tmp_path / 'full' / 'best.ckpt'}: File too "
                                               "large; no checkpoint was written yet")
     assert not list((tmp_path / 'full').glob('*.ckpt')) and not list((tmp_path / 'full').glob('.trar-tmp.*'))
 
@@ -405,7 +405,7 @@ def test_ctrl_c_with_loader_workers_says_where_the_last_good_state_is(tmp_path):
     line = last_error_line(stderr)
     last = tmp_path / 'stop' / 'last.ckpt'
     step = torch.load(last, weights_only=True)['step']
-    assert line.startswith('error: interrupted at step ')
+    assert line.startswith('train.py: error: interrupted at step ')
     assert line.endswith(f"{last} holds the last good state (step {step}): continue with --resume_path")
 
 
@@ -415,7 +415,7 @@ def test_under_torchrun_a_failure_and_ctrl_c_end_with_one_line(tmp_path):
     failed = run_train(tiny_args(tmp_path, 'bad', '--resume_path', str(tmp_path / 'edited.ckpt')),
                        launcher=launcher, env=ONE_THREAD)
     assert failed.returncode == 1
-    assert last_error_line(failed.stderr) == (f"error: {tmp_path / 'edited.ckpt'} lacks optimizer, scheduler, rng, "
+    assert last_error_line(failed.stderr) == (f"train.py: error: {tmp_path / 'edited.ckpt'} lacks optimizer, scheduler, rng, "
                                               "step, model_type, img_size, num_classes, config: expected a last.ckpt "
                                               "written by train.py")
 
@@ -427,18 +427,26 @@ def test_under_torchrun_a_failure_and_ctrl_c_end_with_one_line(tmp_path):
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130
     line = last_error_line(stderr)
-    assert line.startswith('error: interrupted at step ') and 'holds the last good state' in line
+    assert line.startswith('train.py: error: interrupted at step ') and 'holds the last good state' in line
 
 
-@pytest.mark.parametrize('env, printed', [({}, True), ({'RANK': '0'}, True), ({'RANK': '1'}, False),
-                                          ({'RANK': '0', 'TRAR_ONE_LINE_LAUNCHER': '1'}, False)])
-def test_a_process_under_torchrun_leaves_its_line_to_the_launcher(tmp_path, env, printed):
-    error_file = tmp_path / 'error.json'
-    done = subprocess.run([sys.executable, '-c', "from utils.errors import exit_with; exit_with('bad value 3', 7)"],
-                          cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, 'TORCHELASTIC_ERROR_FILE': str(error_file), **env})
-    assert done.returncode == 7 and done.stderr == ('error: bad value 3\n' if printed else '')
-    assert json.loads(error_file.read_text())['message']['message'] == 'bad value 3'
+def test_a_process_under_torchrun_leaves_its_line_in_its_error_file_and_the_first_prints_it(tmp_path):
+    """torchrun gives each process <attempt>/<local rank>/error.json. Every failing process leaves its message there;
+    under plain torchrun only the attempt's first to fail prints it (whatever its rank), under utils/launch.py none."""
+    def fail(rank: int, message: str, **env) -> subprocess.CompletedProcess:
+        error_file = tmp_path / 'attempt_0' / str(rank) / 'error.json'
+        error_file.parent.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([sys.executable, '-c', f"from utils.errors import exit_with; exit_with({message!r}, 7, 'x.py')"],
+                              cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, 'TORCHELASTIC_ERROR_FILE': str(error_file), 'RANK': str(rank), **env})
+        assert done.returncode == 7
+        assert json.loads(error_file.read_text())['message']['message'] == message
+        return done
+
+    assert fail(1, 'bad value 3').stderr == 'x.py: error: bad value 3\n'  # rank 1 failed first: it prints
+    assert fail(0, 'lost rank 1').stderr == ''  # a later failure of the attempt does not
+    (tmp_path / 'attempt_0' / '.trar-reported').unlink()
+    assert fail(0, 'bad value 4', TRAR_ONE_LINE_LAUNCHER='1').stderr == ''  # the launcher prints it
 
 
 def test_ctrl_c_during_a_checkpoint_write_stops_the_run_after_it():
@@ -491,10 +499,10 @@ def test_teardown_after_the_line_prints_nothing_under_it():
               "    def __del__(self):\n"
               "        raise AttributeError(\"'HalfBuilt' object has no attribute '_workers'\")\n"
               "left = HalfBuilt()\n"
-              "exit_with('interrupted at step 4', 130)\n")
+              "exit_with('interrupted at step 4', 130, 'x.py')\n")
     done = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 130 and done.stderr == 'error: interrupted at step 4\n'
-    without = subprocess.run([sys.executable, '-c', script.replace("exit_with('interrupted at step 4', 130)",
+    assert done.returncode == 130 and done.stderr == 'x.py: error: interrupted at step 4\n'
+    without = subprocess.run([sys.executable, '-c', script.replace("exit_with('interrupted at step 4', 130, 'x.py')",
                                                                    "raise SystemExit(130)")],
                              cwd=ROOT, capture_output=True, text=True)
     assert 'Exception ignored' in without.stderr  # what the line would otherwise have under it
@@ -509,13 +517,13 @@ def test_the_launcher_reports_the_first_failure_and_rank_0s_interrupt(tmp_path):
         info = {'timestamp': str(timestamp), 'exitcode': status, 'one_line': True}
         (folder / 'error.json').write_text(json.dumps({'message': {'message': message, 'extraInfo': info}}))
 
-    assert first_message(tmp_path) is None
+    assert first_message(tmp_path, 'train.py') is None
     leave(0, 'lost its peer', 1, 1002)
     leave(1, 'cannot read image b.png', 1, 1001)
-    assert first_message(tmp_path) == ('cannot read image b.png', 1)
+    assert first_message(tmp_path, 'train.py') == ('train.py: error: cannot read image b.png', 1)
     for rank in (0, 1):
         leave(rank, f'interrupted on rank {rank}', 130, 1005 - rank)
-    assert first_message(tmp_path) == ('interrupted on rank 0', 130)
+    assert first_message(tmp_path, 'eval.py') == ('eval.py: error: interrupted on rank 0', 130)
 
 
 def test_a_failure_of_one_process_under_train_sh_ends_with_its_line_only(tmp_path):
@@ -532,7 +540,7 @@ def test_a_failure_of_one_process_under_train_sh_ends_with_its_line_only(tmp_pat
                             env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1
     line = last_error_line(failed.stderr)
-    assert line.startswith('error: cannot read image ') and line.count(str(data / 'val' / 'cat' / '1.png')) == 1
+    assert line.startswith('train.py: error: cannot read image ') and line.count(str(data / 'val' / 'cat' / '1.png')) == 1
     assert 'Connection closed' not in failed.stderr and 'ChildFailedError' not in failed.stderr
 
 
@@ -546,6 +554,6 @@ def test_ctrl_c_while_train_py_imports_torch_ends_with_one_line(tmp_path):
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130
-    assert last_error_line(stderr) == ('error: interrupted before the first training step; this run wrote no '
+    assert last_error_line(stderr) == ('train.py: error: interrupted before the first training step; this run wrote no '
                                        'checkpoint')
     assert not (tmp_path / 'early').exists()  # stopped before it made its run folder
