@@ -449,6 +449,29 @@ def test_a_process_under_torchrun_leaves_its_line_in_its_error_file_and_the_firs
     assert fail(0, 'bad value 4', TRAR_ONE_LINE_LAUNCHER='1').stderr == ''  # the launcher prints it
 
 
+@pytest.mark.parametrize('failing', ['1', '01'])
+def test_plain_torchrun_prints_the_first_failures_line_once_and_its_report_carries_it(tmp_path, failing):
+    """Without utils/launch.py: the project's line once (from the first process to fail, rank 1 alone or both),
+    then torchrun's own ChildFailedError report, whose `traceback :` field is that line's message."""
+    script = tmp_path / 'fails.py'
+    script.write_text(f"""import os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from utils.errors import command_line
+def main(argv):
+    if os.environ['RANK'] in {failing!r}:
+        raise ValueError('bad value on rank ' + os.environ['RANK'])
+    time.sleep(60)  # stopped by torchrun once the other process has failed
+command_line(main, 'fails.py')
+""")
+    done = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(script)], cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    ours = [line for line in done.stderr.splitlines() if line.startswith('fails.py: error: ')]
+    assert len(ours) == 1 and ours[0] in [f'fails.py: error: bad value on rank {rank}' for rank in failing], ours
+    report = done.stderr.partition(ours[0])[2]
+    assert 'ChildFailedError' in report and f'traceback : {ours[0].partition(": error: ")[2]}' in report
+
+
 def test_ctrl_c_during_a_checkpoint_write_stops_the_run_after_it():
     """The Ctrl-C handler defers an interrupt that comes while a checkpoint is written and recorded: the message
     then names that checkpoint, never "no checkpoint was written yet" beside a complete last.ckpt."""
