@@ -342,8 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--preset', choices=sorted(PRESETS),
                    help="another model than ViT-B/16: 'demo' is scripts/demo.sh's (its image size, batch, orders)")
     args = p.parse_args(argv)
-    if args.preset:
-        vars(args).update(PRESETS[args.preset])
+    if args.preset:  # the preset's values are defaults: a flag given beside it still counts
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
     check_args(p, args)
     sys.stdout.reconfigure(line_buffering=True)  # every row shows as soon as it is measured
     torch.set_num_threads(args.threads)
