@@ -306,6 +306,27 @@ def test_imagenet_names_need_the_real_imagenet_classes():
 # 4 and 5. Config values, checkpoints, precision flags: one clear line
 
 
+@pytest.mark.parametrize('flags, message', [
+    (['--learning_rate', 'nan'], '--learning_rate nan: expected a finite number'),
+    (['--learning_rate', 'inf'], '--learning_rate inf: expected a finite number'),
+    (['--weight_decay', 'nan'], '--weight_decay nan: expected a finite number'),  # a recipe flag
+    (['--max_grad_norm', 'nan'], '--max_grad_norm nan: expected a finite number'),
+    (['--loss_scale', 'nan'], '--loss_scale nan: expected a finite number'),
+    (['--name', '../elsewhere'], "--name '../elsewhere': expected a folder name"),
+    (['--name', 'a/b'], "--name 'a/b': expected a folder name"),
+    (['--name', '..'], "--name '..': expected a folder name"),
+    (['--name', ''], "--name '': expected a folder name"),
+])
+def test_non_finite_numbers_and_run_names_that_leave_the_output_folder_are_refused(tmp_path, capsys, flags, message):
+    """NaN passes every range check (`x < 0` is false), so a NaN learning rate trained NaN weights with exit status 0;
+    a run named '../x' wrote outside --output_dir, past the checks of that folder."""
+    with pytest.raises(SystemExit) as stopped:
+        train.get_args(tiny_args(tmp_path, 'run', *flags))
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].split(': error: ', 1)[1].startswith(message)
+    assert not any(tmp_path.iterdir()) and not (tmp_path.parent / 'elsewhere').exists()
+
+
 @pytest.mark.parametrize('assignment, message', [
     ('hidden_size=0', 'hidden_size 0: expected a positive integer'),
     ('transformer.num_layers=-2', 'transformer.num_layers -2: expected a positive integer'),
