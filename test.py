@@ -237,5 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+EXPECTED = (InputError, ValueError, OSError)  # one line each; ValueError: an environment knob checked when used
+
 if __name__ == '__main__':
-    command_line(main, 'test.py', expected=(InputError, ValueError, OSError))
+    command_line(main, 'test.py', expected=EXPECTED)

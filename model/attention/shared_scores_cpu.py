@@ -7,6 +7,7 @@ it cannot be built, a one-line warning says why and routed attention runs its Py
 """
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import sys
@@ -92,9 +93,15 @@ def kernel():
     logging.getLogger('torch.utils.cpp_extension').addFilter(_not_about_cuda)
     from torch.utils import cpp_extension
     directory = build_directory()
+    built = directory / f'{NAME}.so'
+    if built.is_file():
+        try:
+            return load_built(built)
+        except ImportError:  # a damaged build (killed while linking): built again below
+            pass
     path = os.environ.get('PATH', '')
     try:
-        if not (directory / f'{NAME}.so').exists():
+        if not built.exists():
             print(f"building routed attention's CPU kernel in {directory} (once, about 30 s)", file=sys.stderr)
         directory.mkdir(parents=True, exist_ok=True)
         os.environ['PATH'] = os.pathsep.join(filter(None, [ninja_directory(), path]))  # torch runs `ninja`
@@ -107,6 +114,17 @@ def kernel():
         return None
     finally:
         os.environ['PATH'] = path
+
+
+def load_built(path: Path):
+    """The kernel module already built at `path`, loaded without running ninja. The build folder is named by all
+    that goes into the build, so a present library is this build; ninja would rebuild it (minutes on a loaded
+    machine) whenever a killed build left its object file newer than ninja's log, and every process waits on the
+    folder's lock meanwhile."""
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def ninja_directory() -> str | None:

@@ -318,6 +318,33 @@ def test_kernel_build_folder_is_named_by_its_source_and_flags(monkeypatch, tmp_p
         assert shared_scores_cpu.build_directory() not in {folder, edited, other_flags}
 
 
+def test_a_built_kernel_is_loaded_without_running_the_build_again(monkeypatch, tmp_path):
+    """A present library in the (content-named) build folder is loaded as it is: no ninja run, which would rebuild
+    it after a killed build. A damaged one (a build killed while linking) is built again."""
+    if shared_scores_cpu.kernel() is None:
+        pytest.skip('the CPU kernel cannot be built here')
+    library = shared_scores_cpu.build_directory() / f'{shared_scores_cpu.NAME}.so'
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    folder = shared_scores_cpu.build_directory()
+    folder.mkdir(parents=True)
+    shutil.copy(library, folder / library.name)
+    from torch.utils import cpp_extension
+    builds = []
+    monkeypatch.setattr(cpp_extension, 'load', lambda *args, **kwargs: builds.append(kwargs['build_directory']))
+    shared_scores_cpu.kernel.cache_clear()
+    try:
+        assert hasattr(shared_scores_cpu.kernel(), 'forward') and builds == []
+        monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path / 'damaged'))  # a path Python has not loaded
+        damaged = shared_scores_cpu.build_directory()
+        damaged.mkdir(parents=True)
+        (damaged / library.name).write_bytes(b'half a library')
+        shared_scores_cpu.kernel.cache_clear()
+        shared_scores_cpu.kernel()
+        assert builds == [str(damaged)]
+    finally:
+        shared_scores_cpu.kernel.cache_clear()
+
+
 def test_the_kernel_compiles_from_a_copy_in_its_build_folder_so_checkouts_share_one_build(monkeypatch, tmp_path):
     """torch writes the source's path into the build's ninja file: compiled from the checkout's own path, two
     checkouts of one source would rebuild over each other in their shared folder. The copy is written once."""

@@ -493,6 +493,38 @@ command_line(main, 'fails.py')
     assert 'ChildFailedError' in report and f'traceback : {ours[0].partition(": error: ")[2]}' in report
 
 
+@pytest.mark.parametrize('variable, value, message', [
+    ('TRAR_CPU_KERNEL', 'yes', "TRAR_CPU_KERNEL 'yes': expected 0 (PyTorch ops) or 1"),
+    ('TRAR_ATTENTION', 'shared_scoress', "TRAR_ATTENTION 'shared_scoress': expected one of "),
+])
+def test_an_environment_knob_checked_when_used_ends_test_py_with_one_line(tmp_path, capsys, monkeypatch, variable,
+                                                                         value, message):
+    """The knobs are read when the model first runs, inside test.py's prediction: their ValueError is one line
+    `test.py: error: ...` through the tools' one exit, not a traceback."""
+    import importlib.util
+
+    from model.attention import shared_scores_cpu
+    from utils.errors import command_line
+    spec = importlib.util.spec_from_file_location('predict_cli', ROOT / 'test.py')
+    predict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(predict)
+    train.main(tiny_args(tmp_path, 'run', steps=1))
+    image = tmp_path / 'digit.png'
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    monkeypatch.setenv(variable, value)
+    shared_scores_cpu.kernel.cache_clear()  # the knob is read again
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            command_line(predict.main, 'test.py', ['--ckpt', str(tmp_path / 'run' / 'last.ckpt'), '--image', str(image),
+                                                   '--device', 'cpu'], expected=predict.EXPECTED)
+    finally:
+        monkeypatch.delenv(variable)
+        shared_scores_cpu.kernel.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 1 and len(err) == 1 and err[0].startswith(f'test.py: error: {message}'), err
+
+
 def test_ctrl_c_during_a_checkpoint_write_stops_the_run_after_it():
     """The Ctrl-C handler defers an interrupt that comes while a checkpoint is written and recorded: the message
     then names that checkpoint, never "no checkpoint was written yet" beside a complete last.ckpt."""
