@@ -131,14 +131,18 @@ def exit_with(message: str, code: int = 1, tool: str | None = None) -> NoReturn:
 
 def _first_to_report(error_file: str) -> bool:
     """Whether this process is the first of its torchrun attempt to report an error: torchrun gives each
-    process `<attempt folder>/<local rank>/error.json`; the first to create the attempt folder's mark prints."""
+    process `<attempt folder>/<local rank>/error.json`; the first to create the attempt folder's mark prints.
+    An error file set some other way: rank 0 speaks for the run."""
+    rank_folder = os.path.dirname(error_file)
+    attempt = os.path.dirname(rank_folder)
+    if not (os.path.basename(rank_folder).isdigit() and os.path.basename(attempt).startswith('attempt_')):
+        return os.environ.get('RANK', '0') == '0'
     try:
-        os.close(os.open(os.path.join(os.path.dirname(os.path.dirname(error_file)), '.trar-reported'),
-                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(os.path.join(attempt, '.trar-reported'), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         return True
     except FileExistsError:
         return False
-    except OSError:  # no attempt folder to mark: rank 0 speaks for the run
+    except OSError:  # an attempt folder that cannot be marked
         return os.environ.get('RANK', '0') == '0'
 
 

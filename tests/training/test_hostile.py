@@ -468,6 +468,12 @@ def test_a_process_under_torchrun_leaves_its_line_in_its_error_file_and_the_firs
     assert fail(0, 'lost rank 1').stderr == ''  # a later failure of the attempt does not
     (tmp_path / 'attempt_0' / '.trar-reported').unlink()
     assert fail(0, 'bad value 4', TRAR_ONE_LINE_LAUNCHER='1').stderr == ''  # the launcher prints it
+    for rank, printed in (('1', ''), ('0', 'x.py: error: bad value 5\n')):  # not torchrun's layout: rank 0 prints
+        done = subprocess.run([sys.executable, '-c', "from utils.errors import exit_with; exit_with('bad value 5', 7, 'x.py')"],
+                              cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, 'TORCHELASTIC_ERROR_FILE': str(tmp_path / 'error.json'), 'RANK': rank})
+        assert done.stderr == printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['attempt_0', 'error.json']  # no mark beside a bare file
 
 
 @pytest.mark.parametrize('failing', ['1', '01'])
