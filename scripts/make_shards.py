@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.data_utils import SHARD_FORMAT, SHARD_META, imagenet_names, scan_image_folder  # noqa: E402
-from utils.errors import command_line, one_line  # noqa: E402
+from utils.errors import command_line  # noqa: E402
 from utils.files import write_atomic  # noqa: E402
 
 

@@ -105,8 +105,8 @@ def kernel():
             print(f"building routed attention's CPU kernel in {directory} (once, about 30 s)", file=sys.stderr)
         directory.mkdir(parents=True, exist_ok=True)
         os.environ['PATH'] = os.pathsep.join(filter(None, [ninja_directory(), path]))  # torch runs `ninja`
-        return cpp_extension.load(NAME, [str(staged_source(directory))], extra_cflags=compile_flags(), extra_ldflags=LINK_FLAGS,
-                                  build_directory=str(directory))
+        return cpp_extension.load(NAME, [str(staged_source(directory))], extra_cflags=compile_flags(),
+                                  extra_ldflags=LINK_FLAGS, build_directory=str(directory))
     except (Exception, SystemExit) as error:  # no compiler or ninja, a failed build: the PyTorch ops still work
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(f"routed attention's CPU kernel could not be built ({reason}); using its PyTorch ops, "

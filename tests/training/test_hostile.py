@@ -170,8 +170,8 @@ def test_a_write_refused_by_the_system_names_the_file_not_torchs_inner_position(
     failed = subprocess.run([sys.executable, 'train.py', *tiny_args(tmp_path, 'full', steps=1)], cwd=ROOT,
                             env=ONE_THREAD, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
     assert failed.returncode == 1
-    assert last_error_line(failed.stderr) == (f"train.py: error: cannot write {tmp_path / 'full' / 'best.ckpt'}: File too "
-                                              "large; no checkpoint was written yet")
+    assert last_error_line(failed.stderr) == (f"train.py: error: cannot write {tmp_path / 'full' / 'best.ckpt'}: "
+                                              "File too large; no checkpoint was written yet")
     assert not list((tmp_path / 'full').glob('*.ckpt')) and not list((tmp_path / 'full').glob('.trar-tmp.*'))
 
 
@@ -436,8 +436,9 @@ def test_under_torchrun_a_failure_and_ctrl_c_end_with_one_line(tmp_path):
     failed = run_train(tiny_args(tmp_path, 'bad', '--resume_path', str(tmp_path / 'edited.ckpt')),
                        launcher=launcher, env=ONE_THREAD)
     assert failed.returncode == 1
-    assert last_error_line(failed.stderr) == (f"train.py: error: {tmp_path / 'edited.ckpt'} lacks optimizer, scheduler, rng, "
-                                              "step, model_type, img_size, num_classes, config: expected a last.ckpt "
+    assert last_error_line(failed.stderr) == (f"train.py: error: {tmp_path / 'edited.ckpt'} lacks optimizer, "
+                                              "scheduler, rng, step, model_type, img_size, num_classes, config: "
+                                              "expected a last.ckpt "
                                               "written by train.py")
 
     args = tiny_args(tmp_path, 'stop', '--eval_every', '2', steps=10_000)
@@ -457,7 +458,8 @@ def test_a_process_under_torchrun_leaves_its_line_in_its_error_file_and_the_firs
     def fail(rank: int, message: str, **env) -> subprocess.CompletedProcess:
         error_file = tmp_path / 'attempt_0' / str(rank) / 'error.json'
         error_file.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([sys.executable, '-c', f"from utils.errors import exit_with; exit_with({message!r}, 7, 'x.py')"],
+        script = f"from utils.errors import exit_with; exit_with({message!r}, 7, 'x.py')"
+        done = subprocess.run([sys.executable, '-c', script],
                               cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, 'TORCHELASTIC_ERROR_FILE': str(error_file), 'RANK': str(rank), **env})
         assert done.returncode == 7
@@ -469,7 +471,8 @@ def test_a_process_under_torchrun_leaves_its_line_in_its_error_file_and_the_firs
     (tmp_path / 'attempt_0' / '.trar-reported').unlink()
     assert fail(0, 'bad value 4', TRAR_ONE_LINE_LAUNCHER='1').stderr == ''  # the launcher prints it
     for rank, printed in (('1', ''), ('0', 'x.py: error: bad value 5\n')):  # not torchrun's layout: rank 0 prints
-        done = subprocess.run([sys.executable, '-c', "from utils.errors import exit_with; exit_with('bad value 5', 7, 'x.py')"],
+        script = "from utils.errors import exit_with; exit_with('bad value 5', 7, 'x.py')"
+        done = subprocess.run([sys.executable, '-c', script],
                               cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, 'TORCHELASTIC_ERROR_FILE': str(tmp_path / 'error.json'), 'RANK': rank})
         assert done.stderr == printed
@@ -622,7 +625,8 @@ def test_a_failure_of_one_process_under_train_sh_ends_with_its_line_only(tmp_pat
                             env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1
     line = last_error_line(failed.stderr)
-    assert line.startswith('train.py: error: cannot read image ') and line.count(str(data / 'val' / 'cat' / '1.png')) == 1
+    assert line.startswith('train.py: error: cannot read image ')
+    assert line.count(str(data / 'val' / 'cat' / '1.png')) == 1
     assert 'Connection closed' not in failed.stderr and 'ChildFailedError' not in failed.stderr
 
 
