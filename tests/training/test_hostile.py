@@ -502,12 +502,38 @@ command_line(main, 'fails.py')
     assert 'ChildFailedError' in report and f'traceback : {ours[0].partition(": error: ")[2]}' in report
 
 
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A train.py checkpoint of one step: the testing config, orders [0, 1], 10 classes."""
+    out = tmp_path_factory.mktemp('tiny')
+    train.main(tiny_args(out, 'run', steps=1))
+    return out / 'run' / 'last.ckpt'
+
+
+@pytest.mark.parametrize('flags, message', [
+    ({'orders': [0, 9]}, '--orders [0, 9]: {ckpt} is a train.py checkpoint, which carries its own config (orders [0, 1])'),
+    ({'orders': []}, '--orders []: {ckpt} is a train.py checkpoint'),
+    ({'num_classes': 7}, '--num_classes 7: {ckpt} is a train.py checkpoint, which carries its own config (num_classes 10)'),
+    ({'model_type': 'demo'}, "--model_type demo: {ckpt} is a train.py checkpoint, which carries its own config "
+                             "(model_type testing)"),
+])
+def test_flags_for_checkpoints_without_a_config_are_refused_for_one_with_its_own(tiny_checkpoint, flags, message):
+    """test.py --orders 0,9 on a train.py checkpoint predicted with the checkpoint's orders, exit status 0: the flag
+    was silently ignored. Its own values, given again, are no conflict."""
+    from utils import inference
+    with pytest.raises(ValueError) as refused:
+        inference.load_model(tiny_checkpoint, **flags)
+    assert str(refused.value).startswith(message.format(ckpt=tiny_checkpoint))
+    model, _ = inference.load_model(tiny_checkpoint, 'testing', [0, 1], num_classes=10)
+    assert list(model.config.transformer.orders) == [0, 1] and model.num_classes == 10
+
+
 @pytest.mark.parametrize('variable, value, message', [
     ('TRAR_CPU_KERNEL', 'yes', "TRAR_CPU_KERNEL 'yes': expected 0 (PyTorch ops) or 1"),
     ('TRAR_ATTENTION', 'shared_scoress', "TRAR_ATTENTION 'shared_scoress': expected one of "),
 ])
 def test_an_environment_knob_checked_when_used_ends_test_py_with_one_line(tmp_path, capsys, monkeypatch, variable,
-                                                                         value, message):
+                                                                         value, message, tiny_checkpoint):
     """The knobs are read when the model first runs, inside test.py's prediction: their ValueError is one line
     `test.py: error: ...` through the tools' one exit, not a traceback."""
     import importlib.util
@@ -517,7 +543,6 @@ def test_an_environment_knob_checked_when_used_ends_test_py_with_one_line(tmp_pa
     spec = importlib.util.spec_from_file_location('predict_cli', ROOT / 'test.py')
     predict = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(predict)
-    train.main(tiny_args(tmp_path, 'run', steps=1))
     image = tmp_path / 'digit.png'
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
     monkeypatch.setenv(variable, value)
@@ -525,7 +550,7 @@ def test_an_environment_knob_checked_when_used_ends_test_py_with_one_line(tmp_pa
     capsys.readouterr()
     try:
         with pytest.raises(SystemExit) as stopped:
-            command_line(predict.main, 'test.py', ['--ckpt', str(tmp_path / 'run' / 'last.ckpt'), '--image', str(image),
+            command_line(predict.main, 'test.py', ['--ckpt', str(tiny_checkpoint), '--image', str(image),
                                                    '--device', 'cpu'], expected=predict.EXPECTED)
     finally:
         monkeypatch.delenv(variable)
