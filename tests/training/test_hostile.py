@@ -19,7 +19,7 @@ from PIL import Image
 import train
 from model.config import get_config, validate_config
 from model.modeling import VisionTransformer
-from train_helpers import ROOT, run_train, tiny_args
+from train_helpers import ROOT, edited_checkpoint, run_train, tiny_args
 from utils import checkpoint as checkpoints
 from utils import data_utils
 from utils.data_utils import UnreadableImage, read_image, scan_image_folder, to_rgb
@@ -526,6 +526,26 @@ def test_flags_for_checkpoints_without_a_config_are_refused_for_one_with_its_own
     assert str(refused.value).startswith(message.format(ckpt=tiny_checkpoint))
     model, _ = inference.load_model(tiny_checkpoint, 'testing', [0, 1], num_classes=10)
     assert list(model.config.transformer.orders) == [0, 1] and model.num_classes == 10
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda c: c.__setitem__('step', 'x'), "its 'step' is 'x'; expected the non-negative integer train.py writes"),
+    (lambda c: c.__setitem__('step', -1), "its 'step' is -1; expected the non-negative integer"),
+    (lambda c: c['state_dict'].__setitem__('head.weight', c['state_dict']['head.weight'] * float('nan')),
+     'head.weight holds NaN or infinite values; expected finite weights'),
+    (lambda c: c['state_dict'].__setitem__('head.weight', c['state_dict']['head.weight'].long()),
+     'head.weight holds int64 values; expected floating-point weights'),
+    (lambda c: c.__setitem__('state_dict', None), "its 'state_dict' is a NoneType"),
+])
+def test_a_hand_edited_checkpoint_to_resume_from_is_one_line_before_training(tiny_checkpoint, tmp_path, edit,
+                                                                             message):
+    """Resuming from NaN weights exited 0 with NaN weights saved; a string step failed mid-run in tqdm with a
+    traceback. Both are refused when the checkpoint is read, naming the value."""
+    edited = edited_checkpoint(tiny_checkpoint, tmp_path, edit)
+    with pytest.raises(ValueError) as refused:
+        train.main(tiny_args(tmp_path, 'resumed', '--resume_path', str(edited), steps=3))
+    assert str(refused.value) == f'{edited}: {message}' or str(refused.value).startswith(f'{edited}: {message}')
+    assert not (tmp_path / 'resumed' / 'last.ckpt').exists()
 
 
 @pytest.mark.parametrize('variable, value, message', [
