@@ -23,8 +23,8 @@ _BUILD_ERRORS = (IndexError, KeyError, TypeError, AttributeError, RuntimeError)
 
 
 def check_checkpoint_fields(weights: pretrained.Pretrained) -> None:
-    """A train.py checkpoint's config is a dict, its image size and class count positive integers, and its
-    class names (when given) a list of one name per class."""
+    """A train.py checkpoint's config is a dict, its image size and class count positive integers (the count its
+    head's), and its class names (when given) a list of one name per class."""
     checkpoint, path = weights.checkpoint, weights.path
     if weights.layout != 'train.py':
         return
@@ -35,12 +35,14 @@ def check_checkpoint_fields(weights: pretrained.Pretrained) -> None:
         value = checkpoint.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{path}: its {key!r} is {value!r}; expected a positive integer")
+    recorded, classes = checkpoint.get('num_classes'), weights.num_classes
+    if recorded is not None and classes is not None and recorded != classes:
+        raise ValueError(f"{path}: its 'num_classes' is {recorded} but its head has {classes}; expected the same")
     names = checkpoint.get('class_names')
     if names is None:
         return
     if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
         raise ValueError(f"{path}: its 'class_names' is {_short(names)}; expected a list of names, one per class")
-    classes = weights.num_classes
     if classes is not None and len(names) != classes:
         raise ValueError(f"{path}: it names {len(names)} classes but its head has {classes}; "
                          "expected one name per class")

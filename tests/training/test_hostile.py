@@ -510,6 +510,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return out / 'run' / 'last.ckpt'
 
 
+def test_a_class_count_that_is_not_the_heads_is_one_line(tiny_checkpoint, tmp_path):
+    """A hand-edited 'num_classes' (7) beside a head of 10 classes predicted with exit status 0."""
+    from utils import inference
+    edited = edited_checkpoint(tiny_checkpoint, tmp_path, lambda c: c.__setitem__('num_classes', 7))
+    message = r"edited\.ckpt: its 'num_classes' is 7 but its head has 10; expected the same"
+    with pytest.raises(ValueError, match=message):
+        inference.load_model(edited)
+
+
 @pytest.mark.parametrize('flags, message', [
     ({'orders': [0, 9]}, '--orders [0, 9]: {ckpt} is a train.py checkpoint, which carries its own config (orders [0, 1])'),
     ({'orders': []}, '--orders []: {ckpt} is a train.py checkpoint'),
