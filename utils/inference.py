@@ -102,6 +102,8 @@ def check_no_config_flags(weights: pretrained.Pretrained, model_type: str, order
              '--model_type': (None if model_type == DEFAULT_MODEL_TYPE else model_type, checkpoint.get('model_type'))}
     for flag, (value, own) in given.items():
         if value is not None and value != own:
+            if flag == '--orders':  # as typed: 0,9 or none
+                value, own = (','.join(map(str, orders)) or 'none' for orders in (value, own or []))
             raise ValueError(f"{flag} {value}: {weights.path} is a train.py checkpoint, which carries its own "
                              f"config ({flag.lstrip('-')} {own}); expected no {flag}")
 

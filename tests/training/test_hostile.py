@@ -520,8 +520,8 @@ def test_a_class_count_that_is_not_the_heads_is_one_line(tiny_checkpoint, tmp_pa
 
 
 @pytest.mark.parametrize('flags, message', [
-    ({'orders': [0, 9]}, '--orders [0, 9]: {ckpt} is a train.py checkpoint, which carries its own config (orders [0, 1])'),
-    ({'orders': []}, '--orders []: {ckpt} is a train.py checkpoint'),
+    ({'orders': [0, 9]}, '--orders 0,9: {ckpt} is a train.py checkpoint, which carries its own config (orders 0,1)'),
+    ({'orders': []}, '--orders none: {ckpt} is a train.py checkpoint'),
     ({'num_classes': 7}, '--num_classes 7: {ckpt} is a train.py checkpoint, which carries its own config (num_classes 10)'),
     ({'model_type': 'demo'}, "--model_type demo: {ckpt} is a train.py checkpoint, which carries its own config "
                              "(model_type testing)"),
