@@ -51,7 +51,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--use_ema', action='store_true',
                    help='evaluate the weight average of a train.py checkpoint written with --model_ema')
     files = p.add_argument_group('files without a config (.npz, timm and bare state dicts)')
-    files.add_argument('--model_type', default='ViT-B_16',
+    files.add_argument('--model_type', default=inference.DEFAULT_MODEL_TYPE,
                        help='config name in model/config.py, or timm:<timm model name> (--ckpt: a file or hub id)')
     files.add_argument('--orders', default=None, help="span orders, e.g. 0,1,2 (default: a plain ViT unless the "
                                                       "file has routers)")
@@ -142,5 +142,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == '__main__':
-    command_line(main, expected=(ValueError, OSError, UnreadableImage),
+    command_line(main, 'eval.py', expected=(ValueError, OSError, UnreadableImage),
                  interrupted='interrupted (Ctrl-C): nothing was written')

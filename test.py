@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--use_ema', action='store_true',
                         help='the weight average of a train.py checkpoint written with --model_ema')
     weights = parser.add_argument_group("checkpoints without a config (.npz, timm and bare state dicts)")
-    weights.add_argument('--model_type', default='ViT-B_16',
+    weights.add_argument('--model_type', default=inference.DEFAULT_MODEL_TYPE,
                          help='config name in model/config.py, or timm:<timm model name> (--ckpt: a file or hub id)')
     weights.add_argument('--img_size', type=int, default=None, help='default: from the position embeddings')
     weights.add_argument('--num_classes', type=int, default=None, help='default: from the head')
@@ -239,5 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+EXPECTED = (InputError, ValueError, OSError)  # one line each; ValueError: an environment knob checked when used
+
 if __name__ == '__main__':
-    command_line(main, expected=(InputError,))
+    command_line(main, 'test.py', expected=EXPECTED)

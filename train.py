@@ -42,7 +42,7 @@ from model import pretrained as pretrained_weights
 from model import timm_trar
 from model.modeling import VisionTransformer
 from utils import checkpoint as checkpoints
-from utils import dist_util, recipes
+from utils import dist_util, recipes, tool
 from utils.augment import build_mixup, check_mixup_batch, train_loss, train_transform
 from utils.checkpoint import CheckpointSaver
 from utils.data_utils import (DATASETS, Augmented, DeviceBatches, ShardedSampler, check_same_classes,
@@ -126,6 +126,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, every value checked (one line naming a bad one)."""
     p = build_parser()
     args = p.parse_args(argv)
+    tool.check_finite(p, args)
+    tool.check_folder_name(p, 'name', args.name)
     if args.model_type not in CONFIGS and not timm_trar.is_timm(args.model_type):
         p.error(f"--model_type {args.model_type!r}: expected one of {', '.join(sorted(CONFIGS))}, or timm:<name>")
     try:
@@ -582,5 +584,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == '__main__':
-    command_line(main, expected=(ValueError, OSError, FloatingPointError, UnreadableImage),
+    command_line(main, 'train.py', expected=(ValueError, OSError, FloatingPointError, UnreadableImage),
                  interrupted="interrupted before the first training step; this run wrote no checkpoint")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import modeling  # noqa: E402
+from utils.errors import command_line  # noqa: E402
 from model.config import get_config, parse_orders  # noqa: E402
 from model.modeling import VisionTransformer  # noqa: E402
 from model.attention import Spans, check_orders  # noqa: E402
@@ -341,8 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--preset', choices=sorted(PRESETS),
                    help="another model than ViT-B/16: 'demo' is scripts/demo.sh's (its image size, batch, orders)")
     args = p.parse_args(argv)
-    if args.preset:
-        vars(args).update(PRESETS[args.preset])
+    if args.preset:  # the preset's values are defaults: a flag given beside it still counts
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
     check_args(p, args)
     sys.stdout.reconfigure(line_buffering=True)  # every row shows as soon as it is measured
     torch.set_num_threads(args.threads)
@@ -397,4 +399,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    command_line(main, 'bench.py')

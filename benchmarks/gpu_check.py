@@ -1010,4 +1010,6 @@ SETUP = ''
 
 if __name__ == '__main__':
     sys.stdout.reconfigure(line_buffering=True)
-    main()
+    sys.path.insert(0, str(ROOT))  # utils.errors needs only the standard library
+    from utils.errors import command_line
+    command_line(main, 'gpu_check.py')

@@ -41,6 +41,7 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import folders  # noqa: E402
 from utils.data_utils import Augmented, DeviceBatches, collate_skipping_none, load_split  # noqa: E402
+from utils.errors import command_line  # noqa: E402
 from utils.images import Preprocess, decode, eval_pixels, to_rgb, train_pixels  # noqa: E402
 from utils.shards import ShardImages  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'scripts'))
@@ -293,4 +294,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == '__main__':
-    main()
+    command_line(main, 'loader.py')

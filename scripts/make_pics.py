@@ -18,6 +18,7 @@ import sys  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from utils import outputs, tool  # noqa: E402
+from utils.errors import command_line  # noqa: E402
 from utils.data_utils import digits_split  # noqa: E402
 from utils.files import write_atomic  # noqa: E402
 
@@ -63,4 +64,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    tool.run(main, TOOL)
+    command_line(main, TOOL, expected=tool.EXPECTED)

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.folders import imagenet_names, scan_image_folder  # noqa: E402
 from utils.shards import SHARD_FORMAT, SHARD_META  # noqa: E402
-from utils.errors import one_line  # noqa: E402
+from utils.errors import command_line  # noqa: E402
 from utils.files import write_atomic  # noqa: E402
 
 
@@ -115,7 +115,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (OSError, ValueError) as error:
-        sys.exit(f"make_shards.py: error: {one_line(error, limit=None)}")
+    command_line(main, 'make_shards.py')

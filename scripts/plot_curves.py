@@ -26,6 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import outputs, tool  # noqa: E402
+from utils.errors import command_line, message  # noqa: E402
 from utils.checkpoint import read as read_checkpoint  # noqa: E402
 
 TOOL = 'plot_curves.py'
@@ -83,7 +84,7 @@ def run_seconds(run_dir: Path) -> float | None:
     try:
         seconds = json.loads(results.read_text()).get('seconds')
     except (ValueError, OSError, AttributeError) as error:
-        raise ValueError(f"{results} is not the JSON object train.py writes: {tool.message(error)}") from None
+        raise ValueError(f"{results} is not the JSON object train.py writes: {message(error)}") from None
     return seconds if isinstance(seconds, (int, float)) else None
 
 
@@ -246,4 +247,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == '__main__':
-    tool.run(main, TOOL)
+    command_line(main, TOOL, expected=tool.EXPECTED)

@@ -28,6 +28,7 @@ from model.modeling import VisionTransformer  # noqa: E402
 from plot_curves import read_scalars  # noqa: E402
 from utils import inference, outputs, tool  # noqa: E402
 from utils.data_utils import Augmented, collate_skipping_none, load_split  # noqa: E402
+from utils.errors import command_line, message  # noqa: E402
 from utils.images import get_eval_transform  # noqa: E402
 from utils.engine import Precision, evaluate  # noqa: E402
 from utils.visualize import draw_routing, order_label  # noqa: E402
@@ -60,7 +61,7 @@ def validation_loader(args: dict, img_size: int, batch_size: int, data_dir: str 
     try:
         images = load_split(args['dataset'], data_dir, False, args.get('skip_corrupt', False))
     except (FileNotFoundError, RuntimeError, OSError) as error:  # torchvision raises RuntimeError for missing data
-        raise ValueError(f"the run's {args['dataset']} data is not at {data_dir}: {tool.message(error)}; "
+        raise ValueError(f"the run's {args['dataset']} data is not at {data_dir}: {message(error)}; "
                          "pass --data_dir where it is now") from None
     dataset = Augmented(images, get_eval_transform(img_size), args.get('seed', 0))
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping_none, num_workers=0)
@@ -166,4 +167,4 @@ def main(argv: list[str] | None = None) -> np.ndarray:
 
 
 if __name__ == '__main__':
-    tool.run(main, TOOL)
+    command_line(main, TOOL, expected=tool.EXPECTED)

@@ -12,6 +12,7 @@ import torch
 
 from utils import dist_util
 from utils.errors import INTERRUPTED, RunError, interrupts_deferred, one_line
+from model.pretrained import check_weights
 from model.reading import read_checkpoint as read  # noqa: F401 (utils.checkpoint.read)
 from utils.files import describe, write_atomic
 
@@ -62,6 +63,14 @@ def load(path: str | Path, required: tuple[str, ...] = ('state_dict',)) -> dict:
     missing = [key for key in required if key not in checkpoint]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: expected a last.ckpt written by train.py")
+    if 'step' in required:  # a run continues from it: hand-edited values would train on, or fail mid-run
+        step = checkpoint['step']
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"{path}: its 'step' is {step!r}; expected the non-negative integer train.py writes")
+        if not isinstance(checkpoint['state_dict'], dict):
+            raise ValueError(f"{path}: its 'state_dict' is a {type(checkpoint['state_dict']).__name__}; "
+                             "expected the dict of tensors train.py writes")
+        check_weights(path, checkpoint['state_dict'])  # the one rule for weights: finite floating point
     return checkpoint
 
 

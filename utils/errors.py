@@ -1,7 +1,7 @@
-"""How the command-line tools end: one line `error: ...` on stderr, once per run, and Ctrl-C handled the same way.
+"""How the command-line tools end: one line `<tool>: error: ...` on stderr, once per run, and Ctrl-C the same way.
 
-- `command_line(main)` runs a tool's `main` and turns an expected failure into that one line and an exit status;
-  train.py, eval.py and test.py all end through it.
+- `command_line(main, tool)` runs a tool's `main` and turns an expected failure into that one line and an exit
+  status; every tool ends through it (train.py, eval.py, test.py, scripts/*.py, benchmarks/*.py).
 - `INTERRUPTS` is train.py's Ctrl-C handling while it trains (see `Interrupts`).
 - Under torchrun, `exit_with` leaves the line in torchrun's error file, where utils/launch.py finds it, and a
   process that only lost a peer (the peer reports the cause) exits quietly.
@@ -16,6 +16,7 @@ import traceback
 from typing import Callable, NoReturn
 
 from model.reading import one_line  # the tools' one-line messages
+from utils.files import describe
 
 
 class RunError(Exception):
@@ -99,21 +100,50 @@ LAUNCHED_ENV = 'TRAR_ONE_LINE_LAUNCHER'  # set by utils/launch.py, which prints 
 ONE_LINE_MARK = 'one_line'  # marks an error file written by `exit_with`
 
 
-def exit_with(message: str, code: int = 1) -> NoReturn:
-    """End this process with `error: message` on stderr and exit status `code`.
+def tool_name() -> str:
+    """The running tool's name as its line starts: the script's file name (`train.py`)."""
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] not in ('', '-c', '-m') else 'python'
 
-    A process started by torchrun leaves the message in its error file instead, where the launcher finds it:
-    utils/launch.py (train.sh) prints the first process's, once, as the last line; plain torchrun lists every
-    failed process's in its report, and the process of rank 0 prints its own too.
+
+def error_line(message: str, tool: str | None = None) -> str:
+    """The one line a tool ends with: `train.py: error: <message>`."""
+    return f"{tool or tool_name()}: error: {message}"
+
+
+def exit_with(message: str, code: int = 1, tool: str | None = None) -> NoReturn:
+    """End this process with `<tool>: error: message` on stderr and exit status `code`.
+
+    A process started by torchrun leaves the message in its error file too, where the launcher finds it:
+    utils/launch.py (train.sh) prints the first process's, once, as the last line. Under plain torchrun the
+    first process of the attempt to fail prints its line (once for the run, `_first_to_report`); torchrun then
+    prints its own ChildFailedError report, whose `traceback :` fields carry the same message.
     """
+    tool = tool or tool_name()
     error_file = os.environ.get('TORCHELASTIC_ERROR_FILE')
     if error_file:
         with open(error_file, 'w') as file:
-            info = {'timestamp': str(int(time.time())), 'exitcode': code, ONE_LINE_MARK: True}
+            info = {'timestamp': str(int(time.time())), 'exitcode': code, ONE_LINE_MARK: True, 'tool': tool}
             json.dump({'message': {'message': message, 'extraInfo': info}}, file)
-    if not error_file or (not os.environ.get(LAUNCHED_ENV) and os.environ.get('RANK', '0') == '0'):
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    if not error_file or (not os.environ.get(LAUNCHED_ENV) and _first_to_report(error_file)):
+        print(error_line(message, tool), file=sys.stderr, flush=True)
     _exit_quietly(code)
+
+
+def _first_to_report(error_file: str) -> bool:
+    """Whether this process is the first of its torchrun attempt to report an error: torchrun gives each
+    process `<attempt folder>/<local rank>/error.json`; the first to create the attempt folder's mark prints.
+    An error file set some other way: rank 0 speaks for the run."""
+    rank_folder = os.path.dirname(error_file)
+    attempt = os.path.dirname(rank_folder)
+    if not (os.path.basename(rank_folder).isdigit() and os.path.basename(attempt).startswith('attempt_')):
+        return os.environ.get('RANK', '0') == '0'
+    try:
+        os.close(os.open(os.path.join(attempt, '.trar-reported'), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # an attempt folder that cannot be marked
+        return os.environ.get('RANK', '0') == '0'
 
 
 def _exit_quietly(code: int) -> NoReturn:
@@ -124,7 +154,7 @@ def _exit_quietly(code: int) -> NoReturn:
 
 
 def exit_on_interrupt(message: str) -> None:
-    """From now until a run installs its own handler, Ctrl-C ends the process at once with `error: message`
+    """From now until a run installs its own handler, Ctrl-C ends the process at once with its one line
     (for the seconds a tool spends importing torch, where a KeyboardInterrupt would print a traceback)."""
     signal.signal(signal.SIGINT, lambda signum, frame: exit_with(message, INTERRUPTED))
 
@@ -151,9 +181,19 @@ def _quiet_fd_sharing(exc_type: type, error: BaseException, tb) -> None:
     sys.__excepthook__(exc_type, error, tb)
 
 
-def command_line(main: Callable[[], object], expected: tuple[type[BaseException], ...] = (ValueError, OSError),
+def message(error: BaseException) -> str:
+    """An expected error's one line; an OSError's with its path and reason ('No space left on device')."""
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ''
+        return f"{where}{describe(error)}"
+    return one_line(error, limit=None)
+
+
+def command_line(main: Callable[[list[str] | None], object], tool: str, argv: list[str] | None = None,
+                 expected: tuple[type[BaseException], ...] = (ValueError, OSError),
                  interrupted: str = 'interrupted') -> NoReturn:
-    """Run a tool's `main()` and exit: with its result when that is an int (else 0), or with one line.
+    """Run a tool's `main(argv)` and exit: with its result when that is an int (else 0), or with one line
+    `<tool>: error: ...`: every tool of this project ends here.
 
     A `RunError` gives its message and code; one of the `expected` errors its message and status 1; Ctrl-C
     `interrupted` and status 130. A process of a multi-process run that only lost a peer exits quietly, status 1.
@@ -161,15 +201,15 @@ def command_line(main: Callable[[], object], expected: tuple[type[BaseException]
     """
     sys.excepthook = _quiet_fd_sharing
     try:
-        result = main()
+        result = main(argv)
     except RunError as error:
-        exit_with(one_line(error, limit=None), error.code)
+        exit_with(one_line(error, limit=None), error.code, tool)
     except KeyboardInterrupt:
-        exit_with(interrupted, INTERRUPTED)
+        exit_with(interrupted, INTERRUPTED, tool)
     except Exception as error:
         if lost_a_peer(error):
             _exit_quietly(1)
         if not isinstance(error, expected):
             raise
-        exit_with(one_line(error, limit=None))
+        exit_with(message(error), tool=tool)
     sys.exit(result if isinstance(result, int) else 0)

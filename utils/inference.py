@@ -18,12 +18,13 @@ from model.attention import as_grid
 from utils.errors import one_line
 
 # The types a hand-edited file gets wrong that the model builder would trip over with a traceback.
+DEFAULT_MODEL_TYPE = 'ViT-B_16'  # the tools' --model_type when none is given
 _BUILD_ERRORS = (IndexError, KeyError, TypeError, AttributeError, RuntimeError)
 
 
 def check_checkpoint_fields(weights: pretrained.Pretrained) -> None:
-    """A train.py checkpoint's config is a dict, its image size and class count positive integers, and its
-    class names (when given) a list of one name per class."""
+    """A train.py checkpoint's config is a dict, its image size and class count positive integers (the count its
+    head's), and its class names (when given) a list of one name per class."""
     checkpoint, path = weights.checkpoint, weights.path
     if weights.layout != 'train.py':
         return
@@ -34,12 +35,14 @@ def check_checkpoint_fields(weights: pretrained.Pretrained) -> None:
         value = checkpoint.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{path}: its {key!r} is {value!r}; expected a positive integer")
+    recorded, classes = checkpoint.get('num_classes'), weights.num_classes
+    if recorded is not None and classes is not None and recorded != classes:
+        raise ValueError(f"{path}: its 'num_classes' is {recorded} but its head has {classes}; expected the same")
     names = checkpoint.get('class_names')
     if names is None:
         return
     if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
         raise ValueError(f"{path}: its 'class_names' is {_short(names)}; expected a list of names, one per class")
-    classes = weights.num_classes
     if classes is not None and len(names) != classes:
         raise ValueError(f"{path}: it names {len(names)} classes but its head has {classes}; "
                          "expected one name per class")
@@ -87,13 +90,32 @@ def model_config(weights: pretrained.Pretrained, model_type: str) -> ml_collecti
     return get_config(model_type)
 
 
-def load_model(path: str | Path, model_type: str = 'ViT-B_16', orders: list[int] | None = None,
+def check_no_config_flags(weights: pretrained.Pretrained, model_type: str, orders: list[int] | None,
+                          num_classes: int | None) -> None:
+    """Refuse --model_type, --orders or --num_classes given for a train.py checkpoint, which carries its own config
+    and classes: they would be ignored, and the model the user asked for silently replaced by the checkpoint's."""
+    if weights.layout != 'train.py':
+        return
+    checkpoint = weights.checkpoint
+    given = {'--orders': (orders, (checkpoint.get('config') or {}).get('transformer', {}).get('orders')),
+             '--num_classes': (num_classes, checkpoint.get('num_classes')),
+             '--model_type': (None if model_type == DEFAULT_MODEL_TYPE else model_type, checkpoint.get('model_type'))}
+    for flag, (value, own) in given.items():
+        if value is not None and value != own:
+            if flag == '--orders':  # as typed: 0,9 or none
+                value, own = (','.join(map(str, orders)) or 'none' for orders in (value, own or []))
+            raise ValueError(f"{flag} {value}: {weights.path} is a train.py checkpoint, which carries its own "
+                             f"config ({flag.lstrip('-')} {own}); expected no {flag}")
+
+
+def load_model(path: str | Path, model_type: str = DEFAULT_MODEL_TYPE, orders: list[int] | None = None,
                img_size: int | None = None, num_classes: int | None = None, batch: int = 1,
                device: torch.device | str = 'cpu', ema: bool = False) -> tuple[VisionTransformer, pretrained.Pretrained]:
     """The whole model `path` holds (its weight average with `ema`), in eval mode (model/pretrained.py's
     `build_model`), after every check."""
     weights = pretrained.read(path, ema=ema)
     check_checkpoint_fields(weights)  # (finite floating-point weights: model/pretrained.py's check_weights)
+    check_no_config_flags(weights, model_type, orders, num_classes)
     try:
         config = model_config(weights, model_type)
         size = img_size or (weights.checkpoint.get('img_size') if weights.layout == 'train.py' else None)

@@ -18,12 +18,13 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
-from utils.errors import INTERRUPTED, LAUNCHED_ENV, ONE_LINE_MARK
+from utils.errors import INTERRUPTED, LAUNCHED_ENV, ONE_LINE_MARK, error_line
 
 
-def first_message(log_dir: Path) -> tuple[str, int] | None:
-    """The one-line message and exit status left by the first process to stop (earliest, then lowest rank);
-    for an interrupt, which reaches every process at once, the lowest rank's."""
+def first_message(log_dir: Path, script: str) -> tuple[str, int] | None:
+    """The one line (`<tool>: error: ...`) and exit status left by the first process to stop (earliest, then
+    lowest rank); for an interrupt, which reaches every process at once, the lowest rank's. `script` names the
+    tool when a process left no name."""
     found = []
     for path in log_dir.rglob('error.json'):  # <log_dir>/<run id>/attempt_<n>/<local rank>/error.json
         try:
@@ -35,7 +36,7 @@ def first_message(log_dir: Path) -> tuple[str, int] | None:
             status = int(extra.get('exitcode', 1))
             when = 0 if status == INTERRUPTED else int(extra.get('timestamp', 0))
             rank = int(path.parent.name) if path.parent.name.isdigit() else 0
-            found.append((when, rank, info['message'], status))
+            found.append((when, rank, error_line(info['message'], extra.get('tool') or script), status))
     if not found:
         return None
     _, _, message, status = min(found)
@@ -44,6 +45,7 @@ def first_message(log_dir: Path) -> tuple[str, int] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    script = Path(args.training_script).name
     own_log_dir = args.log_dir is None
     if own_log_dir:  # where the processes' error files go, to be read here
         args.log_dir = tempfile.mkdtemp(prefix='trar-launch-')
@@ -56,16 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
-        fallback = (f"process {rank} failed with exit status {failure.exitcode}; its output is above",
-                    failure.exitcode if failure.exitcode > 0 else 1)
+        fallback = (error_line(f"process {rank} failed with exit status {failure.exitcode}; its output is above",
+                               script), failure.exitcode if failure.exitcode > 0 else 1)
     except (KeyboardInterrupt, SignalException):
-        fallback = ("interrupted", INTERRUPTED)
+        fallback = (error_line("interrupted", script), INTERRUPTED)
     finally:
-        reported = first_message(Path(args.log_dir))
+        reported = first_message(Path(args.log_dir), script)
         if own_log_dir:
             shutil.rmtree(args.log_dir, ignore_errors=True)
-    message, status = reported or fallback
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    line, status = reported or fallback
+    print(line, file=sys.stderr, flush=True)
     return status
 
 

@@ -1,45 +1,39 @@
-"""The one-line exit of the scripts in scripts/: `<tool>: error: <what>` on stderr, status 1; Ctrl-C, status 130.
+"""What the scripts in scripts/ share: the errors that end them in one line, and the check of their arguments.
 
 The scripts raise ValueError (bad arguments or files, one line each) and let OSError through (a full disk);
-`run` prints either as one line naming the script that failed, never a traceback.
+they end through utils.errors.command_line (with `EXPECTED`), as every tool does: one line naming the script.
 """
 import argparse
-import sys
-from typing import Callable, NoReturn
+import math
+import os
 
 from model.config import parse_orders
 
 from utils.images import UnreadableImage
 from utils.errors import one_line
-from utils.files import describe
 
-EXPECTED = (ValueError, FileNotFoundError, UnreadableImage, OSError)
-
-
-def message(error: BaseException) -> str:
-    """The error's one line; an OSError's with its path and reason ('No space left on device')."""
-    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.strerror:
-        where = f"{error.filename}: " if error.filename else ''
-        return f"{where}{describe(error)}"
-    return one_line(error, limit=None)
+EXPECTED = (ValueError, FileNotFoundError, UnreadableImage, OSError)  # the scripts' errors that end in one line
 
 
-def run(main: Callable[[list[str] | None], object], tool: str, argv: list[str] | None = None) -> NoReturn:
-    """Run `main(argv)` and exit: 0, or one line naming `tool` (1 for an error, 130 for Ctrl-C)."""
-    try:
-        main(argv)
-    except EXPECTED as error:
-        print(f"{tool}: error: {message(error)}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.unraisablehook = lambda unraisable: None  # loader workers torn down quietly
-        print(f"{tool}: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
-        sys.exit(130)
-    sys.exit(0)
+def check_finite(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a number flag given as nan or inf: argparse's float() takes them, and a range check (`x < 0`) lets
+    NaN through, since every comparison with it is false."""
+    for flag, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"--{flag} {value}: expected a finite number")
+
+
+def check_folder_name(parser: argparse.ArgumentParser, flag: str, name: str) -> None:
+    """Refuse a `flag` that should name one folder but is empty, '.', '..' or holds a path separator (a run
+    named '../x' would be written outside its output folder, where the checks of that folder do not look)."""
+    if name in ('', '.', '..') or os.sep in name or (os.altsep and os.altsep in name) or '\0' in name:
+        parser.error(f"--{flag} {name!r}: expected a folder name (no '/', not '.' or '..')")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, positive: tuple[str, ...]) -> None:
-    """Refuse, one line each before any work, a `positive` flag below 1 and `--orders` that do not parse."""
+    """Refuse, one line each before any work, a `positive` flag below 1, a number flag that is not finite and
+    `--orders` that do not parse."""
+    check_finite(parser, args)
     for flag in positive:
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -7,9 +7,11 @@ it cannot be built, a one-line warning says why and routed attention runs its Py
 """
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import sys
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -49,13 +51,30 @@ def score_grads(grad_map, maps, rows, index, widths, scale) -> tuple[torch.Tenso
 def build_directory(source: bytes | None = None, flags: list[str] | None = None) -> Path:
     """Where the kernel is built: one directory per build, under torch's extensions directory (`TORCH_EXTENSIONS_DIR`,
     else ~/.cache/torch_extensions). Its name holds Python, torch and the instruction set, and a hash of the kernel's
-    source, its compile and link flags and those three, so that checkouts share a build only when it is the same build."""
+    source, its compile and link flags, those three and the header folders the build reads (torch's and Python's,
+    which torch writes into the build's ninja file: another environment is another build), so that checkouts share
+    a build only when it is the same build. The source is compiled from a copy in that folder (`staged_source`),
+    so the checkout's own path is not part of the build."""
     source = SOURCE.read_bytes() if source is None else source
     flags = [*compile_flags(), *LINK_FLAGS] if flags is None else flags
     tag = f'py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-' \
           f'{torch.backends.cpu.get_cpu_capability()}'
-    digest = hashlib.sha256(b'\0'.join([source, ' '.join(flags).encode(), tag.encode()])).hexdigest()[:16]
+    headers = [os.path.dirname(torch.__file__), sysconfig.get_paths()['include']]
+    digest = hashlib.sha256(b'\0'.join([source, ' '.join(flags).encode(), tag.encode(),
+                                        '\0'.join(headers).encode()])).hexdigest()[:16]
     return settings.extensions_root() / f'{NAME}-{tag}-{digest}'.replace('+', '_')
+
+
+def staged_source(directory: Path) -> Path:
+    """The kernel's source copied into its build folder (written once, atomically: concurrent builds read it whole;
+    an unchanged copy keeps its time stamp, so ninja does not rebuild)."""
+    staged = directory / SOURCE.name
+    source = SOURCE.read_bytes()
+    if not staged.is_file() or staged.read_bytes() != source:
+        temporary = directory / f'.trar-tmp.{os.getpid()}.{SOURCE.name}'
+        temporary.write_bytes(source)
+        os.replace(temporary, staged)
+    return staged
 
 
 def compile_flags() -> list[str]:
@@ -74,14 +93,20 @@ def kernel():
     logging.getLogger('torch.utils.cpp_extension').addFilter(_not_about_cuda)
     from torch.utils import cpp_extension
     directory = build_directory()
+    built = directory / f'{NAME}.so'
+    if built.is_file():
+        try:
+            return load_built(built)
+        except ImportError:  # a damaged build (killed while linking): built again below
+            pass
     path = os.environ.get('PATH', '')
     try:
-        if not (directory / f'{NAME}.so').exists():
+        if not built.exists():
             print(f"building routed attention's CPU kernel in {directory} (once, about 30 s)", file=sys.stderr)
         directory.mkdir(parents=True, exist_ok=True)
         os.environ['PATH'] = os.pathsep.join(filter(None, [ninja_directory(), path]))  # torch runs `ninja`
-        return cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=LINK_FLAGS,
-                                  build_directory=str(directory))
+        return cpp_extension.load(NAME, [str(staged_source(directory))], extra_cflags=compile_flags(),
+                                  extra_ldflags=LINK_FLAGS, build_directory=str(directory))
     except (Exception, SystemExit) as error:  # no compiler or ninja, a failed build: the PyTorch ops still work
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(f"routed attention's CPU kernel could not be built ({reason}); using its PyTorch ops, "
@@ -89,6 +114,17 @@ def kernel():
         return None
     finally:
         os.environ['PATH'] = path
+
+
+def load_built(path: Path):
+    """The kernel module already built at `path`, loaded without running ninja. The build folder is named by all
+    that goes into the build, so a present library is this build; ninja would rebuild it (minutes on a loaded
+    machine) whenever a killed build left its object file newer than ninja's log, and every process waits on the
+    folder's lock meanwhile."""
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def ninja_directory() -> str | None:

@@ -1,4 +1,5 @@
 """The paths of routed_attention (shared scores, per-sample dispatch, dropout) against the float64 formula."""
+import os
 import shutil
 
 import pytest
@@ -305,3 +306,49 @@ def test_kernel_build_folder_is_named_by_its_source_and_flags(monkeypatch, tmp_p
     edited = shared_scores_cpu.build_directory(source.replace(b'{', b'{ ', 1))
     other_flags = shared_scores_cpu.build_directory(source, ['-O2', '-fopenmp'])
     assert len({folder, edited, other_flags}) == 3
+    with monkeypatch.context() as patched:  # another environment's torch: its headers, another build
+        patched.setattr(torch, '__file__', str(tmp_path / 'other_env' / 'torch' / '__init__.py'))
+        assert shared_scores_cpu.build_directory() not in {folder, edited, other_flags}
+
+
+def test_a_built_kernel_is_loaded_without_running_the_build_again(monkeypatch, tmp_path):
+    """A present library in the (content-named) build folder is loaded as it is: no ninja run, which would rebuild
+    it after a killed build. A damaged one (a build killed while linking) is built again."""
+    if shared_scores_cpu.kernel() is None:
+        pytest.skip('the CPU kernel cannot be built here')
+    library = shared_scores_cpu.build_directory() / f'{shared_scores_cpu.NAME}.so'
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    folder = shared_scores_cpu.build_directory()
+    folder.mkdir(parents=True)
+    shutil.copy(library, folder / library.name)
+    from torch.utils import cpp_extension
+    builds = []
+    monkeypatch.setattr(cpp_extension, 'load', lambda *args, **kwargs: builds.append(kwargs['build_directory']))
+    shared_scores_cpu.kernel.cache_clear()
+    try:
+        assert hasattr(shared_scores_cpu.kernel(), 'forward') and builds == []
+        monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path / 'damaged'))  # a path Python has not loaded
+        damaged = shared_scores_cpu.build_directory()
+        damaged.mkdir(parents=True)
+        (damaged / library.name).write_bytes(b'half a library')
+        shared_scores_cpu.kernel.cache_clear()
+        shared_scores_cpu.kernel()
+        assert builds == [str(damaged)]
+    finally:
+        shared_scores_cpu.kernel.cache_clear()
+
+
+def test_the_kernel_compiles_from_a_copy_in_its_build_folder_so_checkouts_share_one_build(monkeypatch, tmp_path):
+    """torch writes the source's path into the build's ninja file: compiled from the checkout's own path, two
+    checkouts of one source would rebuild over each other in their shared folder. The copy is written once."""
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    folder = shared_scores_cpu.build_directory()
+    folder.mkdir(parents=True)
+    staged = shared_scores_cpu.staged_source(folder)
+    assert staged.parent == folder and staged.read_bytes() == shared_scores_cpu.SOURCE.read_bytes()
+    written = staged.stat().st_mtime_ns
+    os.utime(staged, ns=(written - 10**9, written - 10**9))
+    assert shared_scores_cpu.staged_source(folder) == staged and staged.stat().st_mtime_ns == written - 10**9
+    staged.write_bytes(b'// an older source')  # a damaged copy is replaced
+    assert shared_scores_cpu.staged_source(folder).read_bytes() == shared_scores_cpu.SOURCE.read_bytes()
+    assert [p.name for p in folder.iterdir()] == [staged.name]

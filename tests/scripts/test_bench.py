@@ -65,6 +65,9 @@ def test_bench_prints_every_table():
     (['--orders', 'x'], "--orders x: orders 'x': expected comma-separated integers"),
     (['--orders', 'none'], '--orders none: expected at least one order'),
     (['--orders', '1,1'], '--orders 1,1: orders must be distinct'),
+    (['--preset', 'demo', '--orders', '0,9'], r'--orders 0,9: order 9 is not in \[0, 8\) for a 8x8 patch grid'),
+    (['--preset', 'demo', '--batch', '0'], '--batch 0: expected an integer of at least 1'),
+    (['--preset', 'demo', '--img_size', '30'], '--img_size 30: expected a positive multiple of the patch size, 4'),
 ])
 def test_bad_arguments_stop_with_one_line_before_any_work(capsys, monkeypatch, flags, message):
     """Each refused value ends the script (exit status 2) with one line naming it, before a model is built."""
@@ -74,6 +77,20 @@ def test_bad_arguments_stop_with_one_line_before_any_work(capsys, monkeypatch, f
     assert stopped.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(r'\S+: error: ' + message + '.*', last), last
+
+
+def test_a_flag_given_beside_a_preset_is_what_is_measured(capsys, monkeypatch):
+    """--preset sets defaults: --img_size 64 and --batch 3 beside it are measured, not silently replaced by its own."""
+    class Measured(Exception):
+        pass
+
+    def measured(args):
+        raise Measured(args.img_size, args.batch, args.orders)
+    monkeypatch.setattr(bench, 'variants', measured)
+    with pytest.raises(Measured) as stopped:
+        bench.main(['--preset', 'demo', '--img_size', '64', '--batch', '3', '--threads', '1'])
+    assert stopped.value.args == (64, 3, '0,1,2')  # the preset's orders, the flags' size and batch
+    assert capsys.readouterr().out.startswith('# demo 64px, batch 3, orders [0,1,2]')
 
 
 def test_cuda_without_cuda_stops_with_one_line(capsys, monkeypatch):

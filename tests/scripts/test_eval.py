@@ -219,7 +219,8 @@ def test_ctrl_c_is_one_line_and_status_130(trained, tmp_path, workers):
     time.sleep(1)  # the loader (and its workers) running
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and err.strip().splitlines() == ['error: interrupted (Ctrl-C): nothing was written'], \
+    assert process.returncode == 130 and err.strip().splitlines() == [
+        'eval.py: error: interrupted (Ctrl-C): nothing was written'], \
         (process.returncode, err[-2000:])
     assert out == '' and not (tmp_path / 'x.json').exists()
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Subset
 import train
 from train_helpers import ROOT, tiny_args
 from utils import tool
+from utils.errors import command_line
 
 sys.path.insert(0, str(ROOT / 'scripts'))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
@@ -189,10 +190,10 @@ def test_routing_picture_shows_the_validation_means_and_the_logged_history(runs,
 
 
 def run_tool(module, argv, capsys) -> tuple[int, str]:
-    """Run a script as its `__main__` does (utils/tool.py's exit): (exit status, the last stderr line)."""
+    """Run a script as its `__main__` does (utils/errors.py's exit): (exit status, the last stderr line)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit:
-        tool.run(module.main, module.TOOL, [str(a) for a in argv])
+        command_line(module.main, module.TOOL, [str(a) for a in argv], expected=tool.EXPECTED)
     err = capsys.readouterr().err.strip().splitlines()
     return exit.value.code, err[-1] if err else ''
 

@@ -19,7 +19,7 @@ from PIL import Image
 import train
 from model.config import get_config, validate_config
 from model.modeling import VisionTransformer
-from train_helpers import ROOT, run_train, tiny_args
+from train_helpers import ROOT, edited_checkpoint, run_train, tiny_args
 from utils import checkpoint as checkpoints
 from utils import folders
 from utils.folders import scan_image_folder
@@ -171,8 +171,8 @@ def test_a_write_refused_by_the_system_names_the_file_not_torchs_inner_position(
     failed = subprocess.run([sys.executable, 'train.py', *tiny_args(tmp_path, 'full', steps=1)], cwd=ROOT,
                             env=ONE_THREAD, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
     assert failed.returncode == 1
-    assert last_error_line(failed.stderr) == (f"error: cannot write {tmp_path / 'full' / 'best.ckpt'}: File too "
-                                              "large; no checkpoint was written yet")
+    assert last_error_line(failed.stderr) == (f"train.py: error: cannot write {tmp_path / 'full' / 'best.ckpt'}: "
+                                              "File too large; no checkpoint was written yet")
     assert not list((tmp_path / 'full').glob('*.ckpt')) and not list((tmp_path / 'full').glob('.trar-tmp.*'))
 
 
@@ -307,6 +307,27 @@ def test_imagenet_names_need_the_real_imagenet_classes():
 # 4 and 5. Config values, checkpoints, precision flags: one clear line
 
 
+@pytest.mark.parametrize('flags, message', [
+    (['--learning_rate', 'nan'], '--learning_rate nan: expected a finite number'),
+    (['--learning_rate', 'inf'], '--learning_rate inf: expected a finite number'),
+    (['--weight_decay', 'nan'], '--weight_decay nan: expected a finite number'),  # a recipe flag
+    (['--max_grad_norm', 'nan'], '--max_grad_norm nan: expected a finite number'),
+    (['--loss_scale', 'nan'], '--loss_scale nan: expected a finite number'),
+    (['--name', '../elsewhere'], "--name '../elsewhere': expected a folder name"),
+    (['--name', 'a/b'], "--name 'a/b': expected a folder name"),
+    (['--name', '..'], "--name '..': expected a folder name"),
+    (['--name', ''], "--name '': expected a folder name"),
+])
+def test_non_finite_numbers_and_run_names_that_leave_the_output_folder_are_refused(tmp_path, capsys, flags, message):
+    """NaN passes every range check (`x < 0` is false), so a NaN learning rate trained NaN weights with exit status 0;
+    a run named '../x' wrote outside --output_dir, past the checks of that folder."""
+    with pytest.raises(SystemExit) as stopped:
+        train.get_args(tiny_args(tmp_path, 'run', *flags))
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].split(': error: ', 1)[1].startswith(message)
+    assert not any(tmp_path.iterdir()) and not (tmp_path.parent / 'elsewhere').exists()
+
+
 @pytest.mark.parametrize('assignment, message', [
     ('hidden_size=0', 'hidden_size 0: expected a positive integer'),
     ('transformer.num_layers=-2', 'transformer.num_layers -2: expected a positive integer'),
@@ -406,7 +427,7 @@ def test_ctrl_c_with_loader_workers_says_where_the_last_good_state_is(tmp_path):
     line = last_error_line(stderr)
     last = tmp_path / 'stop' / 'last.ckpt'
     step = torch.load(last, weights_only=True)['step']
-    assert line.startswith('error: interrupted at step ')
+    assert line.startswith('train.py: error: interrupted at step ')
     assert line.endswith(f"{last} holds the last good state (step {step}): continue with --resume_path")
 
 
@@ -416,8 +437,9 @@ def test_under_torchrun_a_failure_and_ctrl_c_end_with_one_line(tmp_path):
     failed = run_train(tiny_args(tmp_path, 'bad', '--resume_path', str(tmp_path / 'edited.ckpt')),
                        launcher=launcher, env=ONE_THREAD)
     assert failed.returncode == 1
-    assert last_error_line(failed.stderr) == (f"error: {tmp_path / 'edited.ckpt'} lacks optimizer, scheduler, rng, "
-                                              "step, model_type, img_size, num_classes, config: expected a last.ckpt "
+    assert last_error_line(failed.stderr) == (f"train.py: error: {tmp_path / 'edited.ckpt'} lacks optimizer, "
+                                              "scheduler, rng, step, model_type, img_size, num_classes, config: "
+                                              "expected a last.ckpt "
                                               "written by train.py")
 
     args = tiny_args(tmp_path, 'stop', '--eval_every', '2', steps=10_000)
@@ -428,18 +450,143 @@ def test_under_torchrun_a_failure_and_ctrl_c_end_with_one_line(tmp_path):
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130
     line = last_error_line(stderr)
-    assert line.startswith('error: interrupted at step ') and 'holds the last good state' in line
+    assert line.startswith('train.py: error: interrupted at step ') and 'holds the last good state' in line
 
 
-@pytest.mark.parametrize('env, printed', [({}, True), ({'RANK': '0'}, True), ({'RANK': '1'}, False),
-                                          ({'RANK': '0', 'TRAR_ONE_LINE_LAUNCHER': '1'}, False)])
-def test_a_process_under_torchrun_leaves_its_line_to_the_launcher(tmp_path, env, printed):
-    error_file = tmp_path / 'error.json'
-    done = subprocess.run([sys.executable, '-c', "from utils.errors import exit_with; exit_with('bad value 3', 7)"],
-                          cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, 'TORCHELASTIC_ERROR_FILE': str(error_file), **env})
-    assert done.returncode == 7 and done.stderr == ('error: bad value 3\n' if printed else '')
-    assert json.loads(error_file.read_text())['message']['message'] == 'bad value 3'
+def test_a_process_under_torchrun_leaves_its_line_in_its_error_file_and_the_first_prints_it(tmp_path):
+    """torchrun gives each process <attempt>/<local rank>/error.json. Every failing process leaves its message there;
+    under plain torchrun only the attempt's first to fail prints it (whatever its rank), under utils/launch.py none."""
+    def fail(rank: int, message: str, **env) -> subprocess.CompletedProcess:
+        error_file = tmp_path / 'attempt_0' / str(rank) / 'error.json'
+        error_file.parent.mkdir(parents=True, exist_ok=True)
+        script = f"from utils.errors import exit_with; exit_with({message!r}, 7, 'x.py')"
+        done = subprocess.run([sys.executable, '-c', script],
+                              cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, 'TORCHELASTIC_ERROR_FILE': str(error_file), 'RANK': str(rank), **env})
+        assert done.returncode == 7
+        assert json.loads(error_file.read_text())['message']['message'] == message
+        return done
+
+    assert fail(1, 'bad value 3').stderr == 'x.py: error: bad value 3\n'  # rank 1 failed first: it prints
+    assert fail(0, 'lost rank 1').stderr == ''  # a later failure of the attempt does not
+    (tmp_path / 'attempt_0' / '.trar-reported').unlink()
+    assert fail(0, 'bad value 4', TRAR_ONE_LINE_LAUNCHER='1').stderr == ''  # the launcher prints it
+    for rank, printed in (('1', ''), ('0', 'x.py: error: bad value 5\n')):  # not torchrun's layout: rank 0 prints
+        script = "from utils.errors import exit_with; exit_with('bad value 5', 7, 'x.py')"
+        done = subprocess.run([sys.executable, '-c', script],
+                              cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, 'TORCHELASTIC_ERROR_FILE': str(tmp_path / 'error.json'), 'RANK': rank})
+        assert done.stderr == printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['attempt_0', 'error.json']  # no mark beside a bare file
+
+
+@pytest.mark.parametrize('failing', ['1', '01'])
+def test_plain_torchrun_prints_the_first_failures_line_once_and_its_report_carries_it(tmp_path, failing):
+    """Without utils/launch.py: the project's line once (from the first process to fail, rank 1 alone or both),
+    then torchrun's own ChildFailedError report, whose `traceback :` field is that line's message."""
+    script = tmp_path / 'fails.py'
+    script.write_text(f"""import os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from utils.errors import command_line
+def main(argv):
+    if os.environ['RANK'] in {failing!r}:
+        raise ValueError('bad value on rank ' + os.environ['RANK'])
+    time.sleep(60)  # stopped by torchrun once the other process has failed
+command_line(main, 'fails.py')
+""")
+    done = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(script)], cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    ours = [line for line in done.stderr.splitlines() if line.startswith('fails.py: error: ')]
+    assert len(ours) == 1 and ours[0] in [f'fails.py: error: bad value on rank {rank}' for rank in failing], ours
+    report = done.stderr.partition(ours[0])[2]
+    assert 'ChildFailedError' in report and f'traceback : {ours[0].partition(": error: ")[2]}' in report
+
+
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A train.py checkpoint of one step: the testing config, orders [0, 1], 10 classes."""
+    out = tmp_path_factory.mktemp('tiny')
+    train.main(tiny_args(out, 'run', steps=1))
+    return out / 'run' / 'last.ckpt'
+
+
+def test_a_class_count_that_is_not_the_heads_is_one_line(tiny_checkpoint, tmp_path):
+    """A hand-edited 'num_classes' (7) beside a head of 10 classes predicted with exit status 0."""
+    from utils import inference
+    edited = edited_checkpoint(tiny_checkpoint, tmp_path, lambda c: c.__setitem__('num_classes', 7))
+    message = r"edited\.ckpt: its 'num_classes' is 7 but its head has 10; expected the same"
+    with pytest.raises(ValueError, match=message):
+        inference.load_model(edited)
+
+
+@pytest.mark.parametrize('flags, message', [
+    ({'orders': [0, 9]}, '--orders 0,9: {ckpt} is a train.py checkpoint, which carries its own config (orders 0,1)'),
+    ({'orders': []}, '--orders none: {ckpt} is a train.py checkpoint'),
+    ({'num_classes': 7}, '--num_classes 7: {ckpt} is a train.py checkpoint, which carries its own config (num_classes 10)'),
+    ({'model_type': 'demo'}, "--model_type demo: {ckpt} is a train.py checkpoint, which carries its own config "
+                             "(model_type testing)"),
+])
+def test_flags_for_checkpoints_without_a_config_are_refused_for_one_with_its_own(tiny_checkpoint, flags, message):
+    """test.py --orders 0,9 on a train.py checkpoint predicted with the checkpoint's orders, exit status 0: the flag
+    was silently ignored. Its own values, given again, are no conflict."""
+    from utils import inference
+    with pytest.raises(ValueError) as refused:
+        inference.load_model(tiny_checkpoint, **flags)
+    assert str(refused.value).startswith(message.format(ckpt=tiny_checkpoint))
+    model, _ = inference.load_model(tiny_checkpoint, 'testing', [0, 1], num_classes=10)
+    assert list(model.config.transformer.orders) == [0, 1] and model.num_classes == 10
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda c: c.__setitem__('step', 'x'), "its 'step' is 'x'; expected the non-negative integer train.py writes"),
+    (lambda c: c.__setitem__('step', -1), "its 'step' is -1; expected the non-negative integer"),
+    (lambda c: c['state_dict'].__setitem__('head.weight', c['state_dict']['head.weight'] * float('nan')),
+     'head.weight holds NaN or infinite values; expected finite weights'),
+    (lambda c: c['state_dict'].__setitem__('head.weight', c['state_dict']['head.weight'].long()),
+     'head.weight holds int64 values; expected floating-point weights'),
+    (lambda c: c.__setitem__('state_dict', None), "its 'state_dict' is a NoneType"),
+])
+def test_a_hand_edited_checkpoint_to_resume_from_is_one_line_before_training(tiny_checkpoint, tmp_path, edit,
+                                                                             message):
+    """Resuming from NaN weights exited 0 with NaN weights saved; a string step failed mid-run in tqdm with a
+    traceback. Both are refused when the checkpoint is read, naming the value."""
+    edited = edited_checkpoint(tiny_checkpoint, tmp_path, edit)
+    with pytest.raises(ValueError) as refused:
+        train.main(tiny_args(tmp_path, 'resumed', '--resume_path', str(edited), steps=3))
+    assert str(refused.value) == f'{edited}: {message}' or str(refused.value).startswith(f'{edited}: {message}')
+    assert not (tmp_path / 'resumed' / 'last.ckpt').exists()
+
+
+@pytest.mark.parametrize('variable, value, message', [
+    ('TRAR_CPU_KERNEL', 'yes', "TRAR_CPU_KERNEL 'yes': expected 0 (PyTorch ops) or 1"),
+    ('TRAR_ATTENTION', 'shared_scoress', "TRAR_ATTENTION 'shared_scoress': expected one of "),
+])
+def test_an_environment_knob_checked_when_used_ends_test_py_with_one_line(tmp_path, capsys, monkeypatch, variable,
+                                                                         value, message, tiny_checkpoint):
+    """The knobs are read when the model first runs, inside test.py's prediction: their ValueError is one line
+    `test.py: error: ...` through the tools' one exit, not a traceback."""
+    import importlib.util
+
+    from model.attention import shared_scores_cpu
+    from utils.errors import command_line
+    spec = importlib.util.spec_from_file_location('predict_cli', ROOT / 'test.py')
+    predict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(predict)
+    image = tmp_path / 'digit.png'
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    monkeypatch.setenv(variable, value)
+    shared_scores_cpu.kernel.cache_clear()  # the knob is read again
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            command_line(predict.main, 'test.py', ['--ckpt', str(tiny_checkpoint), '--image', str(image),
+                                                   '--device', 'cpu'], expected=predict.EXPECTED)
+    finally:
+        monkeypatch.delenv(variable)
+        shared_scores_cpu.kernel.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 1 and len(err) == 1 and err[0].startswith(f'test.py: error: {message}'), err
 
 
 def test_ctrl_c_during_a_checkpoint_write_stops_the_run_after_it():
@@ -492,10 +639,10 @@ def test_teardown_after_the_line_prints_nothing_under_it():
               "    def __del__(self):\n"
               "        raise AttributeError(\"'HalfBuilt' object has no attribute '_workers'\")\n"
               "left = HalfBuilt()\n"
-              "exit_with('interrupted at step 4', 130)\n")
+              "exit_with('interrupted at step 4', 130, 'x.py')\n")
     done = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 130 and done.stderr == 'error: interrupted at step 4\n'
-    without = subprocess.run([sys.executable, '-c', script.replace("exit_with('interrupted at step 4', 130)",
+    assert done.returncode == 130 and done.stderr == 'x.py: error: interrupted at step 4\n'
+    without = subprocess.run([sys.executable, '-c', script.replace("exit_with('interrupted at step 4', 130, 'x.py')",
                                                                    "raise SystemExit(130)")],
                              cwd=ROOT, capture_output=True, text=True)
     assert 'Exception ignored' in without.stderr  # what the line would otherwise have under it
@@ -510,13 +657,13 @@ def test_the_launcher_reports_the_first_failure_and_rank_0s_interrupt(tmp_path):
         info = {'timestamp': str(timestamp), 'exitcode': status, 'one_line': True}
         (folder / 'error.json').write_text(json.dumps({'message': {'message': message, 'extraInfo': info}}))
 
-    assert first_message(tmp_path) is None
+    assert first_message(tmp_path, 'train.py') is None
     leave(0, 'lost its peer', 1, 1002)
     leave(1, 'cannot read image b.png', 1, 1001)
-    assert first_message(tmp_path) == ('cannot read image b.png', 1)
+    assert first_message(tmp_path, 'train.py') == ('train.py: error: cannot read image b.png', 1)
     for rank in (0, 1):
         leave(rank, f'interrupted on rank {rank}', 130, 1005 - rank)
-    assert first_message(tmp_path) == ('interrupted on rank 0', 130)
+    assert first_message(tmp_path, 'eval.py') == ('eval.py: error: interrupted on rank 0', 130)
 
 
 def test_a_failure_of_one_process_under_train_sh_ends_with_its_line_only(tmp_path):
@@ -533,7 +680,8 @@ def test_a_failure_of_one_process_under_train_sh_ends_with_its_line_only(tmp_pat
                             env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1
     line = last_error_line(failed.stderr)
-    assert line.startswith('error: cannot read image ') and line.count(str(data / 'val' / 'cat' / '1.png')) == 1
+    assert line.startswith('train.py: error: cannot read image ')
+    assert line.count(str(data / 'val' / 'cat' / '1.png')) == 1
     assert 'Connection closed' not in failed.stderr and 'ChildFailedError' not in failed.stderr
 
 
@@ -547,6 +695,6 @@ def test_ctrl_c_while_train_py_imports_torch_ends_with_one_line(tmp_path):
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130
-    assert last_error_line(stderr) == ('error: interrupted before the first training step; this run wrote no '
+    assert last_error_line(stderr) == ('train.py: error: interrupted before the first training step; this run wrote no '
                                        'checkpoint')
     assert not (tmp_path / 'early').exists()  # stopped before it made its run folder
