@@ -267,6 +267,16 @@ def test_randaugment_is_timms_transform_seeded():
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize('magnitude, bits', [(10, 0), (9, 1), (5, 2), (0, 4)])
+def test_randaugment_posterize_keeps_any_bits_rand_m9_mstd_draws(magnitude, bits):
+    """`inc1` posterize at magnitude 10 keeps 0 bits, which Pillow 13 refuses; the result is the bit mask."""
+    from timm.data.auto_augment import AugmentOp
+    image = DigitsDataset('train').load(0)[0].convert('RGB')
+    got = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=magnitude)(image)
+    pixels = np.asarray(image)
+    assert np.array_equal(np.asarray(got), pixels & (0xFF << (8 - bits) & 0xFF)) and pixels.max() > 0
+
+
 def test_ema_weights_equal_timms_ema_step_by_step():
     torch.manual_seed(0)
     model = tiny_ours(orders=(0, 1))
