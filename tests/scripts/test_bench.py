@@ -104,7 +104,7 @@ def test_recipes_rows_time_train_py_steps_with_every_deit_part_on():
         img_size=32, batch=2, orders='0,1', device='cpu', dtype='fp32', compile=False))
     assert deit.opt == 'adamw' and deit.layer_decay == 0.65 and deit.model_ema and deit.drop_path > 0
     assert deit.mixup > 0 and deit.cutmix > 0 and deit.smoothing > 0 and deit.aa and deit.reprob > 0
-    command = [sys.executable, 'benchmarks/bench.py', '--preset', 'demo', '--batch', '4', '--recipes',
+    command = [sys.executable, 'benchmarks/bench.py', '--preset', 'demo', '--batch', '2', '--recipes',
                '--repeats', '1', '--warmup', '0', '--no_memory']
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
