@@ -4,6 +4,7 @@
     python benchmarks/bench.py --img_size 224 --batch 4 --orders 0,1,2,3
     python benchmarks/bench.py --preset demo --repeats 30 --no_memory             # scripts/demo.sh's small model
     python benchmarks/bench.py --device cuda --dtype bf16 --img_size 384 --batch 64 --compile
+    python benchmarks/bench.py --recipes --img_size 224 --batch 4 --no_memory    # train.py's step: deit vs vit
 
 Every variant runs in this one process, interleaved round by round (ABCABC...), and the table shows
 medians over the rounds, so machine noise hits all variants alike. Peak memory: on CUDA
@@ -11,6 +12,9 @@ medians over the rounds, so machine noise hits all variants alike. Peak memory: 
 a step in a fresh child process and reports its peak resident memory above the memory it had before
 building the model. `timm` (benchmarks/requirements.txt) adds timm's ViT-B/16 when installed, plain and routed
 (`timm trar`: model/timm_trar.py's routed attention layer in timm's model, beside `trar`, this repository's).
+
+`--recipes` times instead train.py's whole optimizer step of the TRAR model under the `vit` recipe and under
+`deit` with every part on (RECIPE_STEPS), and the loader's per-image training transform of each.
 """
 import argparse
 import math
@@ -18,6 +22,7 @@ import multiprocessing
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -77,7 +82,7 @@ def model_config(args):
     return config
 
 
-def build(variant: str, args) -> torch.nn.Module:
+def build(variant: str, args, drop_path: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
     if variant.startswith('timm'):
         import timm
@@ -88,7 +93,7 @@ def build(variant: str, args) -> torch.nn.Module:
     config = model_config(args)
     config.transformer.orders = [] if variant == 'plain' else parse_orders(args.orders)
     cls = StackedViT if variant == 'stacked' else VisionTransformer
-    return cls(config, img_size=args.img_size, num_classes=getattr(args, 'num_classes', 1000))
+    return cls(config, img_size=args.img_size, num_classes=getattr(args, 'num_classes', 1000), drop_path_rate=drop_path)
 
 
 def variants(args) -> list[str]:
@@ -118,6 +123,70 @@ def make_step(model: torch.nn.Module, args, device: torch.device):
         loss.backward()
         model.zero_grad(set_to_none=True)
     return step
+
+
+# `--recipes`: train.py's arguments of each timed recipe. `deit` with every part on: mixup/cutmix on the batch,
+# drop path, the soft-target loss, AdamW, the EMA update, and layer decay (MAE's 0.65; deit's own has none).
+RECIPE_STEPS = {'vit': ['--recipe', 'vit'], 'deit, layer decay 0.65': ['--recipe', 'deit', '--layer_decay', '0.65']}
+# the loader's per-image input: an ImageNet-sized photo (the crop is what costs, not the file's decoding)
+LOADER_IMAGE = (375, 500)
+
+
+def recipe_args(recipe: list[str], args) -> argparse.Namespace:
+    """train.py's checked arguments for a recipe at the benchmark's model, image size and batch."""
+    import train
+    precision = (['--fp16', '--amp_dtype', 'bf16'] if args.dtype == 'bf16' else []) + (['--compile'] if args.compile else [])
+    return train.get_args(['--name', 'bench', '--img_size', str(args.img_size), '--train_batch_size',
+                           str(args.batch), '--orders', args.orders, '--device', args.device, *precision, *recipe])
+
+
+def recipe_steps(args, device: torch.device) -> dict[str, Callable[[], None]]:
+    """Per RECIPE_STEPS entry, one optimizer step of train.py's own loop (utils/engine.optimizer_steps, built by
+    train.build_optimization) on a fixed random batch: mixing, forward, loss, backward, clipping, optimizer,
+    scheduler and EMA update, whichever the recipe turns on. The loader's augmentation is not in it."""
+    import itertools
+    import train
+    from utils.engine import RunState, optimizer_steps
+    steps = {}
+    for name, recipe in RECIPE_STEPS.items():
+        run = recipe_args(recipe, args)
+        model = build('trar', args, drop_path=run.drop_path)
+        _, optimization = train.build_optimization(run, model, device, world=1, micro_batch=args.batch)
+        images = torch.randn(args.batch, 3, args.img_size, args.img_size)
+        labels = torch.randint(0, getattr(args, 'num_classes', 1000), (args.batch,))
+        batches = ((images.clone(), labels, []) for _ in itertools.count())  # mixing works in place
+        steps[name] = partial(next, optimizer_steps(model, batches, optimization, RunState()))
+    return steps
+
+
+def loader_transforms(args) -> dict[str, Callable[[], None]]:
+    """Per RECIPE_STEPS entry, train.py's training transform of one image (what each loader worker runs)."""
+    import numpy as np
+    from PIL import Image
+    from utils.augment import train_transform
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (*LOADER_IMAGE, 3), dtype=np.uint8))
+    transforms = {}
+    for name, recipe in RECIPE_STEPS.items():
+        run = recipe_args(recipe, args)
+        transforms[name] = partial(train_transform(args.img_size, run.augment, run.aa, run.reprob), image)
+    return transforms
+
+
+def print_recipes(args, device: torch.device) -> None:
+    """The `--recipes` tables: the optimizer step per recipe, then the loader's transform per image."""
+    times = time_rounds(recipe_steps(args, device), args, device)
+    vit = times['vit']
+    print(f"\n| recipe, TRAR model, one optimizer step (loader augmentation excluded) | step time (s) | vs vit | "
+          "images/s |")
+    print("|---|---|---|---|")
+    for name, seconds in times.items():
+        print(f"| {name} | {seconds:.3f} | {seconds / vit:.2f}x | {args.batch / seconds:.1f} |")
+    transforms = time_rounds(loader_transforms(args), args, torch.device('cpu'))
+    print(f"\n| recipe, training transform of one {LOADER_IMAGE[1]}x{LOADER_IMAGE[0]} image (a loader worker) | "
+          "ms / image | vs vit |")
+    print("|---|---|---|")
+    for name, seconds in transforms.items():
+        print(f"| {name} | {seconds * 1e3:.2f} | {seconds / transforms['vit']:.2f}x |")
 
 
 def eval_steps(args, device: torch.device) -> dict:
@@ -339,6 +408,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--attention_layers', type=int, default=12,
                    help='layers in the attention-alone comparison besides one (ViT-B/16 has 12)')
     p.add_argument('--no_memory', action='store_true', help='skip the peak-memory measurements')
+    p.add_argument('--recipes', action='store_true',
+                   help="time train.py's optimizer step under the vit and deit recipes and their loader transforms "
+                        "(TRAR model) instead of the other tables")
     p.add_argument('--preset', choices=sorted(PRESETS),
                    help="another model than ViT-B/16: 'demo' is scripts/demo.sh's (its image size, batch, orders)")
     args = p.parse_args(argv)
@@ -352,6 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {args.threads} threads'
     print(f"# {args.preset or 'ViT-B/16'} {args.img_size}px, batch {args.batch}, orders [{args.orders}], "
           f"{args.dtype}, compile {'on' if args.compile else 'off'}, {name}, torch {torch.__version__}")
+    if args.recipes:
+        print_recipes(args, device)
+        return
 
     names = variants(args)
     step_times = time_rounds({n: make_step(build(n, args), args, device) for n in names}, args, device)

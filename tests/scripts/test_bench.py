@@ -1,4 +1,5 @@
 """benchmarks/bench.py: its baselines compute routed attention, and the script prints its tables from a fresh process."""
+import argparse
 import re
 import subprocess
 import sys
@@ -111,3 +112,22 @@ def test_attention_inputs_build_the_spans_on_the_inputs_device():
     spans = inputs.spans
     assert {t.device.type for t in (*inputs[:5], *spans.buffers())} == {'meta'}
     assert inputs.q.shape == (2, 2, 65, 16) and inputs.masks.shape == (2, 65, 65)
+
+
+def test_recipes_rows_time_train_py_steps_with_every_deit_part_on():
+    """--recipes on the demo's model: train.py's step under vit and under deit with every part on (ratios from
+    the printed times), and the loader's transform per image under each."""
+    deit = bench.recipe_args(bench.RECIPE_STEPS['deit, layer decay 0.65'], argparse.Namespace(
+        img_size=32, batch=2, orders='0,1', device='cpu', dtype='fp32', compile=False))
+    assert deit.opt == 'adamw' and deit.layer_decay == 0.65 and deit.model_ema and deit.drop_path > 0
+    assert deit.mixup > 0 and deit.cutmix > 0 and deit.smoothing > 0 and deit.aa and deit.reprob > 0
+    command = [sys.executable, 'benchmarks/bench.py', '--preset', 'demo', '--batch', '2', '--recipes',
+               '--repeats', '1', '--warmup', '0', '--no_memory']
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    for header, scale in (('| recipe, TRAR model, one optimizer step', 1), ('| recipe, training transform', 1e-3)):
+        rows = table_rows(run.stdout, header)
+        assert list(rows) == list(bench.RECIPE_STEPS)
+        for time, ratio, *_ in rows.values():
+            assert float(ratio.rstrip('x')) == pytest.approx(float(time) / float(rows['vit'][0]), abs=0.01 + 0.01 *
+                                                             float(ratio.rstrip('x')))

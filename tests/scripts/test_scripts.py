@@ -380,6 +380,7 @@ def test_demo_trains_the_model_bench_times(tmp_path):
     ('compare', {'SEEDS': '0'}, "SEEDS='0'; expected a count"),
     ('compare', {'SEEDS': '3 3'}, "SEEDS='3 3' gives seed 3 twice; expected distinct seeds"),
     ('compare', {'SEEDS': '007 7'}, "SEEDS='007 7' gives seed 7 twice; expected distinct seeds"),
+    ('recipes', {'SEEDS': '0'}, "SEEDS='0'; expected a count"),
     ('contrast', {}, "unknown mode 'contrast'"),
 ])
 def test_demo_refuses_bad_settings_before_training(tmp_path, mode, env, message):
@@ -397,6 +398,31 @@ def test_demo_compare_trains_each_seed_once_per_model(tmp_path, seeds, expected)
     names = [flag(args, '--name') for args in trained_runs(commands)]
     assert names == [f'demo_{model}_seed{seed}' for seed in expected for model in ('trar', 'plain')]
     assert [int(flag(args, '--seed')) for args in trained_runs(commands)] == [s for s in expected for _ in (0, 1)]
+
+
+def test_demo_recipes_trains_both_models_under_vit_and_deit(tmp_path):
+    """`recipes`: per seed the compare runs (the vit recipe) and the same two models under deit with every part on;
+    the statistics of the live weights, and of the deit runs' EMA, from plot_curves.py."""
+    result, commands = run_demo(tmp_path, 'recipes', SEEDS='2 5')
+    assert result.returncode == 0, result.stderr
+    runs = {flag(args, '--name'): train.get_args(args) for args in trained_runs(commands)}
+    models = ('trar', 'plain', 'trar_deit', 'plain_deit')
+    assert list(runs) == [f'demo_{model}_seed{seed}' for seed in (2, 5) for model in models]
+    (tmp_path / 'compare').mkdir()
+    _, compared = run_demo(tmp_path / 'compare', 'compare', SEEDS='2 5')
+    for args in trained_runs(compared):  # the vit runs are the compare runs (but for where they write)
+        expected = vars(train.get_args(args)) | {'output_dir': str(tmp_path / 'out')}
+        assert vars(runs[flag(args, '--name')]) == expected
+    for seed in (2, 5):
+        vit, deit = runs[f'demo_trar_seed{seed}'], runs[f'demo_trar_deit_seed{seed}']
+        assert (vit.recipe, deit.recipe) == ('vit', 'deit') and vit.seed == deit.seed == seed
+        assert deit.mixup > 0 and deit.drop_path > 0 and deit.aa and deit.model_ema and deit.opt == 'adamw'
+        assert deit.augment == 'crop' and deit.model_ema_decay == 0.99  # no flips of digits; an EMA for 1,200 steps
+        assert runs[f'demo_plain_deit_seed{seed}'].orders == 'none' and deit.orders is None
+    plots = [command[1:] for command in commands if command[0] == 'scripts/plot_curves.py']
+    assert [flag(args, '--tag') for args in plots] == ['val/accuracy', 'val/ema_accuracy']
+    assert plots[0][plots[0].index('TRAR-ViT, deit') + 1:][:2] == [str(tmp_path / 'out' / f'demo_trar_deit_seed{s}')
+                                                                  for s in (2, 5)]
 
 
 def test_demo_replaces_only_run_folders_it_made(tmp_path):

@@ -92,6 +92,36 @@ def test_routers_take_their_blocks_layer_and_decay_like_linears():
             assert decay == (0.05 if parameter.ndim > 1 else 0.0), name
 
 
+@pytest.mark.parametrize('weight_decay,layer_decay', [(0.05, 0.65), (0.05, None)])
+def test_timm_model_groups_equal_timms_and_routers_take_their_blocks_layer(weight_decay, layer_decay):
+    """--model_type timm:<name>: the routed TimmViT's groups are timm's on the same timm ViT without routers."""
+    from model.timm_trar import TimmViT, timm_config
+    import timm
+    torch.manual_seed(0)
+    ours = TimmViT(timm_config('timm:vit_tiny_patch16_224', [0, 1]), img_size=32, num_classes=5)
+    plain = timm.create_model('vit_tiny_patch16_224', img_size=32, num_classes=5)
+    lr = 1e-3
+    theirs = group_of(create_optimizer_v2(plain, 'adamw', lr=lr, weight_decay=weight_decay,
+                                          layer_decay=layer_decay), plain)
+    mine = group_of(build_optimizer(ours, 'adamw', lr, weight_decay, 'timm', layer_decay), ours)
+    assert set(mine) == set(dict(ours.named_parameters()))
+    routers = [name for name in mine if '.attn.router.' in name]
+    assert {name.split('.attn.')[0] for name in routers} == {f'vit.blocks.{i}' for i in range(12)}
+    for name, (decay, scale, group_lr) in mine.items():
+        parameter = dict(ours.named_parameters())[name]
+        if name in routers:  # its block's layer; its weight decays, its bias does not
+            their_decay, their_scale = weight_decay if parameter.ndim > 1 else 0.0, \
+                theirs[name.split('.attn.')[0].removeprefix('vit.') + '.norm1.weight'][1]
+        else:
+            their_decay, their_scale, _ = theirs[name.removeprefix('vit.')]
+        assert (decay, scale) == pytest.approx((their_decay, their_scale), rel=1e-12), name
+        assert group_lr == pytest.approx(lr * their_scale, rel=1e-12), name
+    assert mine['vit.cls_token'][0] == mine['vit.pos_embed'][0] == 0.0  # timm's no_weight_decay()
+    if layer_decay is not None:  # a real depth: embeddings at layer 0, block i at i + 1, the head at 13
+        assert mine['vit.pos_embed'][1] == pytest.approx(layer_decay ** 13) and mine['vit.head.weight'][1] == 1.0
+        assert mine['vit.blocks.3.attn.router.mlp.0.weight'][1] == pytest.approx(layer_decay ** 9)
+
+
 def test_vit_recipe_optimizer_is_the_original_sgd_bit_for_bit():
     torch.manual_seed(0)
     model, reference = tiny_ours(), tiny_ours()
@@ -265,6 +295,16 @@ def test_randaugment_is_timms_transform_seeded():
                                 auto_augment='rand-m9-mstd0.5-inc1', mean=(0.5,) * 3, std=(0.5,) * 3, re_prob=0.25,
                                 re_mode='pixel')(image)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize('magnitude, bits', [(10, 0), (9, 1), (5, 2), (0, 4)])
+def test_randaugment_posterize_keeps_any_bits_rand_m9_mstd_draws(magnitude, bits):
+    """`inc1` posterize at magnitude 10 keeps 0 bits, which Pillow 13 refuses; the result is the bit mask."""
+    from timm.data.auto_augment import AugmentOp
+    image = DigitsDataset('train').load(0)[0].convert('RGB')
+    got = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=magnitude)(image)
+    pixels = np.asarray(image)
+    assert np.array_equal(np.asarray(got), pixels & (0xFF << (8 - bits) & 0xFF)) and pixels.max() > 0
 
 
 def test_ema_weights_equal_timms_ema_step_by_step():
