@@ -1,6 +1,7 @@
 """The paths of routed_attention (shared scores, per-sample dispatch, dropout) against the float64 formula."""
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,11 +317,13 @@ def test_a_built_kernel_is_loaded_without_running_the_build_again(monkeypatch, t
     it after a killed build. A damaged one (a build killed while linking) is built again."""
     if shared_scores_cpu.kernel() is None:
         pytest.skip('the CPU kernel cannot be built here')
-    library = shared_scores_cpu.build_directory() / f'{shared_scores_cpu.NAME}.so'
+    # the loaded library itself: torch names a process's later builds of one extension NAME_v1.so, NAME_v2.so, ...
+    library = Path(shared_scores_cpu.kernel().__file__)
     monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
     folder = shared_scores_cpu.build_directory()
     folder.mkdir(parents=True)
-    shutil.copy(library, folder / library.name)
+    library_name = f'{shared_scores_cpu.NAME}.so'
+    shutil.copy(library, folder / library_name)
     from torch.utils import cpp_extension
     builds = []
     monkeypatch.setattr(cpp_extension, 'load', lambda *args, **kwargs: builds.append(kwargs['build_directory']))
@@ -330,7 +333,7 @@ def test_a_built_kernel_is_loaded_without_running_the_build_again(monkeypatch, t
         monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path / 'damaged'))  # a path Python has not loaded
         damaged = shared_scores_cpu.build_directory()
         damaged.mkdir(parents=True)
-        (damaged / library.name).write_bytes(b'half a library')
+        (damaged / library_name).write_bytes(b'half a library')
         shared_scores_cpu.kernel.cache_clear()
         shared_scores_cpu.kernel()
         assert builds == [str(damaged)]
