@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# pytest-xdist processes: the suite's end-to-end tests wait on their subprocesses much of the time
+TEST_WORKERS ?= 2
 
 .PHONY: demo test venv clean
 
@@ -17,7 +19,7 @@ demo: $(PY)
 	PY=$(PY) bash scripts/demo.sh
 
 test: $(PY)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf $(VENV) output/demo
