@@ -81,17 +81,22 @@ def make_shards(args: argparse.Namespace) -> list[Path]:
             'shards': shards, 'seed': args.seed, 'shard_size': args.shard_size, 'plan': digest}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
+    planned = []
     for shard in range(shards):
-        path = out / f'{args.split}-{shard:06d}.tar'
-        paths.append(path)
         first = shard * args.shard_size
-        meta = shard_meta(plan, shard, first, min(args.shard_size, len(samples) - first))
+        planned.append((out / f'{args.split}-{shard:06d}.tar', first,
+                        shard_meta(plan, shard, first, min(args.shard_size, len(samples) - first))))
+    done = set()
+    for path, _, meta in planned:  # every place checked before any shard is written: nothing half done
         if path.exists() or path.is_symlink():
-            if existing_meta(path) == meta:
-                continue  # written by an earlier run of this plan
-            raise FileExistsError(f"{path} exists and is not shard {shard} of this plan (another tree, --seed or "
-                                  "--shard_size, a damaged shard, or not a shard): expected a new --out, or remove it")
+            if existing_meta(path) != meta:
+                raise FileExistsError(f"{path} exists and is not shard {meta['shard']} of this plan (another tree, "
+                                      "--seed or --shard_size, a damaged shard, or not a shard): expected a new --out, "
+                                      "or remove it")
+            done.add(path)  # written by an earlier run of this plan
+    for path, first, meta in planned:
+        if path in done:
+            continue
 
         def write(tmp: Path, first=first, meta=meta) -> None:
             with tarfile.open(tmp, mode='w', format=tarfile.USTAR_FORMAT) as tar:
@@ -103,7 +108,7 @@ def make_shards(args: argparse.Namespace) -> list[Path]:
                     add_member(tar, f'{index:09d}.cls', str(label).encode())
         write_atomic(path, write)
         print(f"wrote {path} ({meta['images']} images)", flush=True)
-    return paths
+    return [path for path, _, _ in planned]
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

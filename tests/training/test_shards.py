@@ -103,6 +103,11 @@ def test_shards_are_deterministic_resumable_and_never_replace_other_files(tmp_pa
     assert (tmp_path / 'c' / 'train-000000.tar').read_text() == 'my notes'
     with pytest.raises(FileExistsError, match='not shard 0 of this plan'):
         shard(root, tmp_path / 'a', size=5)  # another plan into the same folder
+    (tmp_path / 'd').mkdir()
+    (tmp_path / 'd' / 'train-000002.tar').write_text('my notes')  # a foreign file at the last shard's place
+    with pytest.raises(FileExistsError, match=r'train-000002\.tar exists and is not shard 2 of this plan'):
+        shard(root, tmp_path / 'd')
+    assert sorted(f.name for f in (tmp_path / 'd').iterdir()) == ['train-000002.tar']  # found before writing any
 
 
 def rewrite(path: Path, edit) -> None:
