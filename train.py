@@ -59,7 +59,7 @@ from utils.scheduler import DECAY_TYPES, TAU_POLICIES, build_scheduler, tau_at
 OFFICIAL_URL = 'https://storage.googleapis.com/vit_models/imagenet21k/{}.npz'
 OFFICIAL_MODELS = ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')
 # Arguments that shape the trajectory: resuming with other values continues, but not exactly.
-TRAJECTORY_ARGS = ('dataset', 'seed', 'train_batch_size', 'num_steps', 'decay_type', 'warmup_steps', 'tau_policy',
+TRAJECTORY_ARGS = ('dataset', 'shards', 'seed', 'train_batch_size', 'num_steps', 'decay_type', 'warmup_steps', 'tau_policy',
                    'fp16', 'fp16_opt_level', 'amp_dtype', 'recipe', *recipes.RECIPES['vit'])
 LOG_EVERY = 10  # steps between training scalars in TensorBoard
 
@@ -71,7 +71,8 @@ LOG_EVERY = 10  # steps between training scalars in TensorBoard
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--name', required=True, help='name of this run: outputs go to <output_dir>/<name>/')
-    p.add_argument('--dataset', choices=DATASETS, default='cifar10')
+    p.add_argument('--dataset', choices=DATASETS, default=None,
+                   help="default cifar10; with --shards only a label recorded with the run (default 'shards')")
     p.add_argument('--data_dir', default='./data', help='dataset root (imagenet: train/ and val/ below it)')
     p.add_argument('--model_type', default='ViT-B_16',
                    help=f"one of {', '.join(sorted(CONFIGS))}, or timm:<timm model name> (--pretrained_dir: a local "
@@ -136,6 +137,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(error))
     if (args.shards is None) != (args.val_shards is None):
         p.error("--shards and --val_shards: expected both (training and validation shards) or neither")
+    if args.dataset is None:  # a shards run never records a dataset it did not read
+        args.dataset = 'shards' if args.shards else 'cifar10'
     if args.loss_scale < 0 or (args.loss_scale > 0 and not math.log2(args.loss_scale).is_integer()):
         p.error(f"--loss_scale {args.loss_scale:g}: expected 0 (dynamic) or a power of two")
     for flag in ('img_size', 'train_batch_size', 'eval_batch_size', 'eval_every', 'num_steps',

@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model.modeling import VisionTransformer  # noqa: E402
 from plot_curves import read_scalars  # noqa: E402
 from utils import inference, outputs, tool  # noqa: E402
-from utils.data_utils import Augmented, collate_skipping_none, load_split  # noqa: E402
+from utils.data_utils import Augmented, collate_skipping_none, evaluation_set, load_split  # noqa: E402
 from utils.errors import command_line, message  # noqa: E402
 from utils.images import get_eval_transform  # noqa: E402
+from utils.shards import ShardImages  # noqa: E402
 from utils.engine import Precision, evaluate  # noqa: E402
 from utils.visualize import draw_routing, order_label  # noqa: E402
 
@@ -57,6 +58,10 @@ def mean_routing_weights(model: VisionTransformer, loader: DataLoader) -> tuple[
 
 def validation_loader(args: dict, img_size: int, batch_size: int, data_dir: str | None = None) -> DataLoader:
     """The run's validation set with training's evaluation transform (from `data_dir` if the data moved)."""
+    if args.get('val_shards'):  # a run trained on shards: its validation shards
+        images = ShardImages(args['val_shards'], skip_corrupt=args.get('skip_corrupt', False))
+        dataset, _ = evaluation_set(images, get_eval_transform(img_size), rank=0, world_size=1)
+        return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping_none, num_workers=0)
     data_dir = data_dir or args.get('data_dir', './data')
     try:
         images = load_split(args['dataset'], data_dir, False, args.get('skip_corrupt', False))

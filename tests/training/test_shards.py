@@ -306,6 +306,9 @@ def test_sigkill_then_resume_on_shards_is_bit_exact(tmp_path):
     assert torch.load(checkpoint, weights_only=True)['step'] == steps
     for name, value in expected.items():
         assert torch.equal(final[name], value), name
+    import plot_routing  # the routing of a shards run is measured over its validation shards: all 40 images
+    mean = plot_routing.main([str(whole.parent), '--out', str(tmp_path / 'routing.png'), '--batch_size', '16'])
+    assert mean.shape == (2, 2) and np.allclose(mean.sum(-1), 1) and (tmp_path / 'routing.png').is_file()
 
 
 def test_train_py_takes_shards_and_val_shards_together(capsys):
@@ -314,3 +317,7 @@ def test_train_py_takes_shards_and_val_shards_together(capsys):
         with pytest.raises(SystemExit):
             train.get_args(['--name', 'x', *given])
         assert '--shards and --val_shards: expected both' in capsys.readouterr().err
+    assert train.get_args(['--name', 'x', '--shards', 'a.tar', '--val_shards', 'b.tar']).dataset == 'shards'
+    assert train.get_args(['--name', 'x', '--shards', 'a.tar', '--val_shards', 'b.tar',
+                           '--dataset', 'imagenet']).dataset == 'imagenet'  # the user's label for the shards
+    assert train.get_args(['--name', 'x']).dataset == 'cifar10'
