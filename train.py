@@ -59,8 +59,8 @@ from utils.scheduler import DECAY_TYPES, TAU_POLICIES, build_scheduler, tau_at
 OFFICIAL_URL = 'https://storage.googleapis.com/vit_models/imagenet21k/{}.npz'
 OFFICIAL_MODELS = ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')
 # Arguments that shape the trajectory: resuming with other values continues, but not exactly.
-TRAJECTORY_ARGS = ('dataset', 'shards', 'seed', 'train_batch_size', 'num_steps', 'decay_type', 'warmup_steps', 'tau_policy',
-                   'fp16', 'fp16_opt_level', 'amp_dtype', 'recipe', *recipes.RECIPES['vit'])
+TRAJECTORY_ARGS = ('dataset', 'shards', 'seed', 'train_batch_size', 'num_steps', 'decay_type', 'warmup_steps',
+                   'tau_policy', 'fp16', 'fp16_opt_level', 'amp_dtype', 'recipe', *recipes.RECIPES['vit'])
 LOG_EVERY = 10  # steps between training scalars in TensorBoard
 
 
