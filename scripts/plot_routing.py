@@ -61,14 +61,14 @@ def validation_loader(args: dict, img_size: int, batch_size: int, data_dir: str 
     if args.get('val_shards'):  # a run trained on shards: its validation shards
         images = ShardImages(args['val_shards'], skip_corrupt=args.get('skip_corrupt', False))
         dataset, _ = evaluation_set(images, get_eval_transform(img_size), rank=0, world_size=1)
-        return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping_none, num_workers=0)
-    data_dir = data_dir or args.get('data_dir', './data')
-    try:
-        images = load_split(args['dataset'], data_dir, False, args.get('skip_corrupt', False))
-    except (FileNotFoundError, RuntimeError, OSError) as error:  # torchvision raises RuntimeError for missing data
-        raise ValueError(f"the run's {args['dataset']} data is not at {data_dir}: {message(error)}; "
-                         "pass --data_dir where it is now") from None
-    dataset = Augmented(images, get_eval_transform(img_size), args.get('seed', 0))
+    else:
+        data_dir = data_dir or args.get('data_dir', './data')
+        try:
+            images = load_split(args['dataset'], data_dir, False, args.get('skip_corrupt', False))
+        except (FileNotFoundError, RuntimeError, OSError) as error:  # torchvision: RuntimeError for missing data
+            raise ValueError(f"the run's {args['dataset']} data is not at {data_dir}: {message(error)}; "
+                             "pass --data_dir where it is now") from None
+        dataset = Augmented(images, get_eval_transform(img_size), args.get('seed', 0))
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping_none, num_workers=0)
 
 
