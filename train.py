@@ -28,12 +28,13 @@ import time
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import Iterable
 
 import ml_collections
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -46,7 +47,7 @@ from utils import dist_util, recipes, tool
 from utils.augment import build_mixup, check_mixup_batch, train_loss, train_transform
 from utils.checkpoint import CheckpointSaver
 from utils.data_utils import (DATASETS, Augmented, DeviceBatches, ShardedSampler, check_same_classes,
-                              collate_skipping_none, load_split)
+                              collate_skipping_none, evaluation_set, load_split)
 from utils.images import UnreadableImage, eval_pixels, preprocess_of
 from utils.shards import ShardImages, TrainingShards
 from utils.engine import (OPT_LEVELS, Evaluation, Optimization, Precision, RunState, TrainingData, TrainStats,
@@ -412,43 +413,41 @@ def build_optimization(args: argparse.Namespace, model: VisionTransformer, devic
                                  args.max_grad_norm, tau, train_loss(mix is not None, args.smoothing), mix, ema)
 
 
-def build_datasets(args: argparse.Namespace) -> tuple[Augmented | TrainingShards, Augmented | ShardImages]:
-    """The training and validation sets (folders, downloads or --shards), with the same classes."""
+def build_datasets(args: argparse.Namespace) -> tuple[Augmented | TrainingShards, tuple[Dataset, Iterable | None]]:
+    """The training set (folders, downloads or --shards) and this process's part of the validation set with its
+    sampler (`evaluation_set`: every image counted once), with the same classes."""
     preprocess = preprocess_of(args.model_type)
-    if args.shards:
-        rank, world = dist_util.get_rank(), dist_util.get_world_size()
-        train_set = TrainingShards(args.shards, train_transform(args.img_size, args.augment, args.aa, args.reprob,
-                                                                preprocess), args.seed, rank, world,
-                                   args.skip_corrupt, args.train_batch_size, micro_batch_size(args, world))
-        val_set = ShardImages(args.val_shards, eval_pixels(args.img_size, preprocess), rank=rank, world_size=world,
-                              skip_corrupt=args.skip_corrupt)
-        check_same_classes(train_set, val_set)
-        return train_set, val_set
-    out_dir = Path(args.output_dir) / args.name  # each split's file list is cached there
-    train_images = load_split(args.dataset, args.data_dir, True, args.skip_corrupt, out_dir / 'train_files.txt')
-    val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt, out_dir / 'val_files.txt')
-    check_same_classes(train_images, val_images)
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
     transform = train_transform(args.img_size, args.augment, args.aa, args.reprob, preprocess)
-    return Augmented(train_images, transform, args.seed), Augmented(val_images, eval_pixels(args.img_size, preprocess),
-                                                                    args.seed)
+    if args.shards:
+        train_set = TrainingShards(args.shards, transform, args.seed, rank, world, args.skip_corrupt,
+                                   args.train_batch_size, micro_batch_size(args, world))
+        train_images = train_set
+        val_images = ShardImages(args.val_shards, rank=rank, world_size=world, skip_corrupt=args.skip_corrupt)
+    else:
+        out_dir = Path(args.output_dir) / args.name  # each split's file list is cached there
+        train_images = load_split(args.dataset, args.data_dir, True, args.skip_corrupt, out_dir / 'train_files.txt')
+        val_images = load_split(args.dataset, args.data_dir, False, args.skip_corrupt, out_dir / 'val_files.txt')
+        train_set = Augmented(train_images, transform, args.seed)
+    check_same_classes(train_images, val_images)
+    return train_set, evaluation_set(val_images, eval_pixels(args.img_size, preprocess), rank, world)
 
 
-def build_loaders(args: argparse.Namespace, train_set: Augmented | TrainingShards, val_set: Augmented | ShardImages,
+def build_loaders(args: argparse.Namespace, train_set: Augmented | TrainingShards, validation: tuple[Dataset, Iterable | None],
                   micro_batch: int, device: torch.device) -> tuple[TrainingData, DataLoader]:
     """The training order is a function of (seed, epoch), resumable mid-epoch; validation is split into disjoint
-    parts, so every image is counted exactly once (shards place and split themselves)."""
+    parts, so every image is counted exactly once."""
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     collate = partial(collate_skipping_none, image_shape=(3, args.img_size, args.img_size))
     options = dict(num_workers=args.num_workers, collate_fn=collate, pin_memory=device.type == 'cuda',
                    generator=torch.Generator())
-    if isinstance(train_set, TrainingShards):
+    if isinstance(train_set, TrainingShards):  # shards place and split themselves
         train_loader = DataLoader(train_set, batch_size=micro_batch, **options)
-        val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, **options)
     else:
         sampler = ShardedSampler(len(train_set), args.train_batch_size, rank, world, args.seed)
         train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True, **options)
-        val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, sampler=range(rank, len(val_set), world),
-                                **options)
+    val_set, val_sampler = validation
+    val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, sampler=val_sampler, **options)
     # uint8 batches, normalised on the device
     preprocess = preprocess_of(args.model_type)
     train_loader, val_loader = (DeviceBatches(loader, device, preprocess) for loader in (train_loader, val_loader))
@@ -539,13 +538,13 @@ def main(argv: list[str] | None = None) -> dict:
     pretrained = None if resume_path else read_pretrained(args)  # read before the data is scanned
     seed_everything(args.seed + rank)
 
-    train_set, val_set = build_datasets(args)
+    train_set, validation = build_datasets(args)
     identity = {'model_type': args.model_type, 'img_size': args.img_size, 'num_classes': len(train_set.classes),
                 'config': config.to_dict()}
     resume = read_resume(resume_path, identity, args, main_process)
     model = build_model(args, config, len(train_set.classes), resume, pretrained, main_process)
     trained, optimization = build_optimization(args, model, device, world, micro_batch)
-    data, val_loader = build_loaders(args, train_set, val_set, micro_batch, device)
+    data, val_loader = build_loaders(args, train_set, validation, micro_batch, device)
     state = restore(resume, optimization, rank, world, main_process) if resume is not None else RunState()
     saver = CheckpointSaver(out_dir, main_process, resume_path, state.step)
     checkpoint = partial(checkpoint_state, model, optimization, state, identity, args, list(train_set.classes))

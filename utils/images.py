@@ -11,8 +11,10 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -79,6 +81,30 @@ def decode(image: Image.Image, draft: tuple[int, int] | None = None) -> Image.Im
     except (OSError, SyntaxError, ValueError) as error:
         image.close()
         raise UnreadableImage(f"cannot read image {name}: damaged or truncated ({one_line(error)})") from None
+
+
+def jpeg_pixels(image: Image.Image) -> torch.Tensor | None:
+    """An RGB or grayscale JPEG `open_image` opened, decoded by torchvision into RGB uint8 (3, H, W): libjpeg-turbo
+    as in PIL, the same pixels, with no PIL image to copy into a tensor. None for other images (PIL decodes them);
+    UnreadableImage for a damaged one."""
+    if image.format != 'JPEG' or image.mode not in ('RGB', 'L') or getattr(image, 'fp', None) is None:
+        return None
+    name = getattr(image, 'filename', '') or 'in memory'
+    try:
+        image.fp.seek(0)
+        data = torch.frombuffer(bytearray(image.fp.read()), dtype=torch.uint8)
+        return decode_jpeg(data, mode=ImageReadMode.RGB)
+    except (OSError, RuntimeError) as error:
+        raise UnreadableImage(f"cannot read image {name}: damaged or truncated ({one_line(error)})") from None
+    finally:
+        image.close()
+
+
+def pil_image(pixels: torch.Tensor) -> Image.Image:
+    """`jpeg_pixels`' tensor as an RGB PIL image: torchvision decodes rows of RGB pixels (the tensor is their
+    channels-first view), which PIL takes as they are."""
+    rows = pixels.permute(1, 2, 0).contiguous().numpy()
+    return Image.frombuffer('RGB', (rows.shape[1], rows.shape[0]), rows, 'raw', 'RGB', 0, 1)
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -176,9 +202,10 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def eval_pixels(img_size: int, preprocess: Preprocess = Preprocess()) -> Callable[[Image.Image], torch.Tensor]:
-    """The evaluation transform in uint8: decode, RGB, resize (and centre crop, see `Preprocess`)."""
+    """The evaluation transform in uint8: decode (a JPEG by torchvision, `jpeg_pixels`: the same pixels as PIL's,
+    sooner), RGB, resize with PIL (and centre crop, see `Preprocess`)."""
     def transform(image: Image.Image) -> torch.Tensor:
-        image = to_rgb(decode(image))
+        image = pil_image(pixels) if (pixels := jpeg_pixels(image)) is not None else to_rgb(decode(image))
         if preprocess.crop_pct == 1.0 and not preprocess.keep_aspect:
             image = TF.resize(image, [img_size, img_size], preprocess.resample)
         else:
@@ -193,9 +220,10 @@ class TrainPixels:
     flip with probability 1/2 if `flip`.
 
     The random draws are torchvision's RandomResizedCrop and RandomHorizontalFlip's, in their order, so a
-    seeded sample gets the same crop box and flip. A JPEG is decoded at 1/2, 1/4 or 1/8 size (`Image.draft`)
-    when the crop still has img_size pixels or more each way there; otherwise the pixels are exactly those of
-    torchvision's transforms on the full-size image.
+    seeded sample gets the same crop box and flip. A JPEG whose crop keeps img_size pixels or more each way at
+    1/2, 1/4 or 1/8 size is decoded at that size (`Image.draft`, PIL); any other JPEG is decoded by torchvision
+    (`jpeg_pixels`) and its crop resized on the tensor (torch's uint8 antialiased resize: within a few levels of
+    PIL's, and faster); other formats get exactly torchvision's transforms on the PIL image.
     """
 
     def __init__(self, img_size: int, scale: tuple[float, float], flip: bool, preprocess: Preprocess = Preprocess()):
@@ -212,9 +240,13 @@ class TrainPixels:
         flip = self.flip and bool(torch.rand(1) < 0.5)
         full_width, full_height = image.size
         reduce = self.reduction(width, height)
-        image = decode(image, draft=(full_width // reduce, full_height // reduce) if reduce > 1 else None)
-        image = to_rgb(image)
         size = [self.img_size, self.img_size]
+        pixels = jpeg_pixels(image) if reduce == 1 else None
+        if pixels is not None:
+            crop = pixels[None, :, top:top + height, left:left + width]
+            pixels = F.interpolate(crop, size=size, mode=self.resample.value, antialias=True)[0]
+            return pixels.flip(-1) if flip else pixels
+        image = to_rgb(decode(image, draft=(full_width // reduce, full_height // reduce) if reduce > 1 else None))
         if image.size == (full_width, full_height):
             image = TF.resized_crop(image, top, left, height, width, size, self.resample)
         else:  # the crop box in the reduced image's coordinates

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 from torchvision import transforms
+from torchvision.transforms import functional as TF
 
 from utils.data_utils import Augmented, DeviceBatches, collate_skipping_none, load_split
-from utils.images import (Preprocess, TrainPixels, decode, eval_pixels, get_eval_transform, normalize, open_image,
-                          read_image, to_rgb, train_pixels)
+from utils.images import (Preprocess, TrainPixels, UnreadableImage, decode, eval_pixels, get_eval_transform,
+                          jpeg_pixels, normalize, open_image, read_image, to_rgb, train_pixels)
 
 PHOTO = Path(matplotlib.get_data_path()) / 'sample_data' / 'grace_hopper.jpg'  # a real 512 x 600 JPEG
 
@@ -56,32 +57,51 @@ def crop_and_flip(image: Image.Image, seed: int, scale=(0.05, 1.0)) -> tuple[tup
     return box, bool(torch.rand(1) < 0.5)
 
 
-def test_training_crops_and_flips_are_torchvisions_for_the_same_seeds():
-    """Each seed gets torchvision's crop box and flip: pixels equal where the JPEG is decoded at full size;
-    where it is decoded at reduced size, the image is torchvision's up to resampling, and not its mirror."""
+@pytest.mark.parametrize('interpolation', ['bilinear', 'bicubic'])
+def test_training_crops_and_flips_are_torchvisions_for_the_same_seeds(interpolation):
+    """Each seed gets torchvision's crop box and flip. A JPEG crop resized on the tensor (decoded at full size)
+    is torchvision's PIL resize up to rounding: most pixels equal, the rest a few levels off; one decoded at
+    reduced size is torchvision's up to resampling. Neither is the mirror image."""
     data = PHOTO.read_bytes()
     full = read_image(PHOTO)
     size = 200  # crops of 400+ pixels each way are decoded at 1/2 size
-    reference = float32_pipeline([transforms.RandomResizedCrop((size, size), scale=(0.05, 1.0)),
-                                  transforms.RandomHorizontalFlip()])
-    ours = train_pixels(size, 'flip')
-    reduced, exact, flips = 0, 0, 0
+    preprocess = Preprocess(interpolation=interpolation)
+    reference = transforms.Compose([transforms.RandomResizedCrop((size, size), scale=(0.05, 1.0),
+                                                                 interpolation=preprocess.resample),
+                                    transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+    ours = train_pixels(size, 'flip', preprocess)
+    reduced, tensor_resized, flips = 0, 0, 0
     for seed in range(40):
         (top, left, height, width), flip = crop_and_flip(full, seed)
         torch.manual_seed(seed)
-        expected = reference(full)
+        expected = reference(full).float()
         torch.manual_seed(seed)
         pixels = ours(open_image(io.BytesIO(data), 'photo'))
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, size, size)
+        got = pixels.float()
         flips += flip
+        error, mirrored = (got - expected).abs().mean(), (got - expected.flip(-1)).abs().mean()
         if ours.reduction(width, height) == 1:
-            exact += 1
-            assert torch.equal(normalize(pixels, Preprocess()), expected)
+            tensor_resized += 1
+            assert (got == expected).float().mean() > 0.8 and error < 0.5 and error < mirrored / 10, (seed, error)
+            assert (got - expected).abs().max() <= (2 if interpolation == 'bilinear' else 16), seed
             continue
         reduced += 1
-        got = normalize(pixels, Preprocess())
-        error, mirrored = (got - expected).abs().mean(), (got - expected.flip(-1)).abs().mean()
-        assert error < 0.05 and error < mirrored / 2, (seed, error, mirrored)
-    assert reduced >= 8 and exact >= 8 and 10 <= flips <= 30
+        assert error < 6 and error < mirrored / 2, (seed, error, mirrored)
+    assert reduced >= 8 and tensor_resized >= 8 and 10 <= flips <= 30
+
+
+def test_jpeg_pixels_are_pils_decode_and_other_formats_are_left_to_pil(tmp_path):
+    photo = read_image(PHOTO)
+    for image in (photo, photo.convert('L')):
+        image.save(tmp_path / 'photo.jpg', quality=90)
+        pixels = jpeg_pixels(open_image(tmp_path / 'photo.jpg'))
+        assert torch.equal(pixels, TF.pil_to_tensor(to_rgb(read_image(tmp_path / 'photo.jpg'))))
+    photo.save(tmp_path / 'photo.png')
+    assert jpeg_pixels(open_image(tmp_path / 'photo.png')) is None
+    truncated = jpeg(photo)[:5000]
+    with pytest.raises(UnreadableImage, match=r'cannot read image cut\.jpg: damaged or truncated'):
+        jpeg_pixels(open_image(io.BytesIO(truncated), 'cut.jpg'))
 
 
 def test_a_reduced_decode_needs_the_output_size_each_way():
