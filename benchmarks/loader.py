@@ -1,6 +1,6 @@
 """Input-pipeline benchmark: images/s per loader process, the float32 pipeline and the uint8 one side by side.
 
-    python benchmarks/loader.py                                   # about 30 s: 1, 2 and all-core workers
+    python benchmarks/loader.py                                   # about a minute: in process (CPU time), 1, 2 and all-core workers
     python benchmarks/loader.py --num_workers 4,8,16 --images 2048 --device cuda   # on a GPU machine
     python benchmarks/loader.py scan --files 1281167              # the ImageFolder scan at ImageNet's size
 
@@ -129,7 +129,10 @@ def pipelines(img_size: int) -> dict[tuple[str, str], object]:
 def loader_rate(source, transform, img_size: int, workers: int, batch: int, device: torch.device,
                 passes: int) -> float:
     """Images/s through a DataLoader over `passes` epochs, timed from its first batch (worker start-up excluded).
-    `source` is an ImageFolder split, or the pattern of its shards."""
+    `source` is an ImageFolder split, or the pattern of its shards. With no workers (and on the CPU) the loading
+    runs in this process and is timed by its CPU time: images per CPU second of one loader process, which other
+    work on a shared machine does not change as it changes wall-clock rates."""
+    clock = time.process_time if workers == 0 and device.type == 'cpu' else time.perf_counter
     if isinstance(source, str):
         dataset, shuffle = ShardImages(source, transform), False
     else:
@@ -142,12 +145,12 @@ def loader_rate(source, transform, img_size: int, workers: int, batch: int, devi
     for epoch in range(passes):
         for pictures, _, _ in batches:
             if start is None:
-                start = time.perf_counter()
+                start = clock()
                 continue
             images += len(pictures)
     if device.type == 'cuda':
         torch.cuda.synchronize()
-    return images / (time.perf_counter() - start)
+    return images / (clock() - start)
 
 
 def gpu_decode_rate(root: Path, img_size: int, batch: int, passes: int) -> float:
@@ -265,8 +268,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--images', type=int, default=96, help='JPEGs to make (loader)')
     p.add_argument('--img_size', type=int, default=224)
     p.add_argument('--batch_size', type=int, default=16)
-    p.add_argument('--num_workers', type=worker_counts, default=worker_counts('1,2,N'),
-                   help="comma-separated loader worker counts; N is this machine's cores")
+    p.add_argument('--num_workers', type=worker_counts, default=worker_counts('0,1,2,N'),
+                   help="comma-separated loader worker counts; N is this machine's cores; 0 loads in this process, "
+                        "timed by its CPU time (steady on a shared machine)")
     p.add_argument('--rounds', type=int, default=2, help='rounds over every configuration; the best one is shown')
     p.add_argument('--passes', type=int, default=1, help='epochs over the JPEGs per measurement')
     p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu',

@@ -100,13 +100,6 @@ def jpeg_pixels(image: Image.Image) -> torch.Tensor | None:
         image.close()
 
 
-def pil_image(pixels: torch.Tensor) -> Image.Image:
-    """`jpeg_pixels`' tensor as an RGB PIL image: torchvision decodes rows of RGB pixels (the tensor is their
-    channels-first view), which PIL takes as they are."""
-    rows = pixels.permute(1, 2, 0).contiguous().numpy()
-    return Image.frombuffer('RGB', (rows.shape[1], rows.shape[0]), rows, 'raw', 'RGB', 0, 1)
-
-
 def read_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image file, or raise UnreadableImage: one line naming the file and why."""
     return decode(open_image(path))
@@ -202,10 +195,10 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def eval_pixels(img_size: int, preprocess: Preprocess = Preprocess()) -> Callable[[Image.Image], torch.Tensor]:
-    """The evaluation transform in uint8: decode (a JPEG by torchvision, `jpeg_pixels`: the same pixels as PIL's,
-    sooner), RGB, resize with PIL (and centre crop, see `Preprocess`)."""
+    """The evaluation transform in uint8: decode, RGB, resize (and centre crop, see `Preprocess`), all by PIL:
+    torchvision's pixels exactly."""
     def transform(image: Image.Image) -> torch.Tensor:
-        image = pil_image(pixels) if (pixels := jpeg_pixels(image)) is not None else to_rgb(decode(image))
+        image = to_rgb(decode(image))
         if preprocess.crop_pct == 1.0 and not preprocess.keep_aspect:
             image = TF.resize(image, [img_size, img_size], preprocess.resample)
         else:
