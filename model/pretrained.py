@@ -1,19 +1,12 @@
 """Pretrained ViT weights in the layouts people hold, mapped onto this model's names.
 
-One entry point for every tool: `read(path)` recognises the layout by the file's keys and renames
-the tensors; `load_into(model, weights, ...)` fits them to a model (position embeddings resized to
-its image size, head kept or left fresh, routers kept at their initialisation unless the file has
-this model's routers) and names in one line whatever does not fit. Layouts:
-
-- Google `.npz`, vit_jax (the 2020 checkpoints and AugReg: `Transformer/encoderblock_0/...`) and
-  big_vision (`params/...`, blocks stacked or not), converted by timm's `_load_weights` once the keys are checked;
-- timm ViT state dicts (`.safetensors`, `.pth`, `.bin`: `blocks.0.attn.qkv.weight`), maybe wrapped
-  in a 'state_dict' or 'model' entry;
-- ViT-pytorch state dicts, which use this model's names;
-- checkpoints written by train.py (a dict with 'state_dict' and 'config').
-
-Only the names are written here (one table: timm's, this model's and Google's); timm converts Google's arrays and
-resizes position embeddings.
+`read(path)` recognises the layout by the file's keys and renames the tensors; `load_into(model, weights, ...)` fits
+them to a model (position embeddings resized to its image size, head kept or left fresh, routers kept at their
+initialisation unless the file has this model's) and names in one line whatever does not fit. Layouts: Google `.npz`
+(vit_jax, as the 2020 checkpoints and AugReg; big_vision, blocks stacked or not), timm ViT state dicts
+(`.safetensors`, `.pth`, `.bin`, maybe wrapped in 'model' or 'state_dict'), ViT-pytorch state dicts (this model's
+names) and train.py checkpoints. Only the names are written here, in one table (NAMES); timm converts Google's
+arrays (`_load_weights`) and resizes position embeddings (`resample_abs_pos_embed`).
 """
 import io
 import math
@@ -34,73 +27,59 @@ from .modeling import VisionTransformer
 from .reading import check_file, one_line, read_checkpoint
 from .trar import check_router_keys
 
-LAYOUTS = ("Google .npz (vit_jax 'Transformer/encoderblock_0/...' or big_vision 'params/...')",
-           "timm ViT state dict ('blocks.0.attn.qkv.weight'; .safetensors, .pth or .bin)",
-           "ViT-pytorch state dict ('transformer.encoder.layer.0.attn.query.weight')",
-           "train.py checkpoint (a dict with 'state_dict' and 'config')")
 POSEMB = 'transformer.embeddings.position_embeddings'
 PATCH = 'transformer.embeddings.patch_embeddings.weight'
 HEAD = ('head.weight', 'head.bias')
 PRE_LOGITS = ('pre_logits.fc.weight', 'pre_logits.fc.bias')  # the 2020 checkpoints' representation layer
 BLOCK, LAYER, GOOGLE_BLOCK = 'blocks.{i}.', 'transformer.encoder.layer.{i}.', 'Transformer/encoderblock_{i}/'
-QKV = ('query', 'key', 'value')
+ROUTER = r'transformer\.encoder\.layer\.\d+\.attn\.router\.'  # this model's routers: no other layout has them
 
 # ---------------------------------------------------------------------------------------------
-# Names: timm's ViT modules -> this model's (ViT-pytorch's) and Google's (vit_jax); `{i}` a block index. timm's
-# fused qkv is three of theirs. big_vision numbers some modules otherwise (BIG_VISION).
+# Names: each row a timm ViT module, this model's (ViT-pytorch's) and Google's (vit_jax's; big_vision numbers some
+# otherwise: BIG_VISION). `{i}` is a block index; timm's fused qkv is three rows.
 
-MODULES = {
-    'patch_embed.proj': (('transformer.embeddings.patch_embeddings',), ('embedding',)),
-    'norm': (('transformer.encoder.encoder_norm',), ('Transformer/encoder_norm',)),
-    'head': (('head',), ('head',)),
-    'pre_logits.fc': (('pre_logits.fc',), ('pre_logits',)),
-    BLOCK + 'attn.qkv': (tuple(f'{LAYER}attn.{part}' for part in QKV),
-                         tuple(f'{GOOGLE_BLOCK}MultiHeadDotProductAttention_1/{part}' for part in QKV)),
-    BLOCK + 'attn.proj': ((LAYER + 'attn.out',), (GOOGLE_BLOCK + 'MultiHeadDotProductAttention_1/out',)),
-    BLOCK + 'norm1': ((LAYER + 'attention_norm',), (GOOGLE_BLOCK + 'LayerNorm_0',)),
-    BLOCK + 'norm2': ((LAYER + 'ffn_norm',), (GOOGLE_BLOCK + 'LayerNorm_2',)),
-    BLOCK + 'mlp.fc1': ((LAYER + 'ffn.fc1',), (GOOGLE_BLOCK + 'MlpBlock_3/Dense_0',)),
-    BLOCK + 'mlp.fc2': ((LAYER + 'ffn.fc2',), (GOOGLE_BLOCK + 'MlpBlock_3/Dense_1',)),
-}
+MODULES = [('patch_embed.proj', 'transformer.embeddings.patch_embeddings', 'embedding'),
+           ('norm', 'transformer.encoder.encoder_norm', 'Transformer/encoder_norm'),
+           ('head', 'head', 'head'), ('pre_logits.fc', 'pre_logits.fc', 'pre_logits'),
+           *((BLOCK + 'attn.qkv', f'{LAYER}attn.{part}', f'{GOOGLE_BLOCK}MultiHeadDotProductAttention_1/{part}')
+             for part in ('query', 'key', 'value')),
+           (BLOCK + 'attn.proj', LAYER + 'attn.out', GOOGLE_BLOCK + 'MultiHeadDotProductAttention_1/out'),
+           (BLOCK + 'norm1', LAYER + 'attention_norm', GOOGLE_BLOCK + 'LayerNorm_0'),
+           (BLOCK + 'norm2', LAYER + 'ffn_norm', GOOGLE_BLOCK + 'LayerNorm_2'),
+           (BLOCK + 'mlp.fc1', LAYER + 'ffn.fc1', GOOGLE_BLOCK + 'MlpBlock_3/Dense_0'),
+           (BLOCK + 'mlp.fc2', LAYER + 'ffn.fc2', GOOGLE_BLOCK + 'MlpBlock_3/Dense_1')]
+NAMES = [('cls_token', 'transformer.embeddings.cls_token', 'cls'),
+         ('pos_embed', POSEMB, 'Transformer/posembed_input/pos_embedding'),
+         *((f'{timm}.{kind}', f'{ours}.{kind}', f'{google}/{google_kind}') for timm, ours, google in MODULES
+           for kind, google_kind in (('weight', 'scale' if 'norm' in timm else 'kernel'), ('bias', 'bias')))]
 BIG_VISION = {'MultiHeadDotProductAttention_1': 'MultiHeadDotProductAttention_0', 'LayerNorm_2': 'LayerNorm_1',
               'MlpBlock_3': 'MlpBlock_0', 'Transformer/posembed_input/pos_embedding': 'pos_embedding'}
-# Every timm ViT tensor name -> (this model's names, Google's): the modules' weights and biases, and the tokens.
-NAMES = {'cls_token': (('transformer.embeddings.cls_token',), ('cls',)),
-         'pos_embed': ((POSEMB,), ('Transformer/posembed_input/pos_embedding',)),
-         **{f'{module}.{kind}': (tuple(f'{name}.{kind}' for name in ours), tuple(f'{name}/{google_kind}' for name in google))
-            for module, (ours, google) in MODULES.items()
-            for kind, google_kind in (('weight', 'scale' if 'norm' in module else 'kernel'), ('bias', 'bias'))}}
-TIMM_NAMES = {ours: theirs for theirs, (names, _) in NAMES.items() for ours in names}
 
 
-def _generic(key: str, block: str) -> tuple[str, str]:
-    """`key` with its block index written `{i}` (after `block`, e.g. BLOCK), and that index ('' when none)."""
-    found = re.match(re.escape(block.removesuffix('{i}.')) + r'(\d+)\.', key)
-    return (key, '') if found is None else (block + key[found.end():], found[1])
+def _rows(key: str, column: int) -> list[tuple[str, str, str]]:
+    """The rows of NAMES whose `column` (0: timm, 1: this model) is `key`, its block index filled in."""
+    found = re.match(re.escape(('blocks.', 'transformer.encoder.layer.')[column]) + r'(\d+)\.', key)
+    generic = key if found is None else (BLOCK, LAYER)[column] + key[found.end():]
+    i = '' if found is None else found[1]
+    return [tuple(name.format(i=i) for name in row) for row in NAMES if row[column] == generic]
 
 
 def own_names(key: str) -> tuple[str, ...]:
     """This model's names of a timm ViT tensor (three for the fused qkv); () for one that has no place here."""
-    generic, i = _generic(key, BLOCK)
-    return tuple(name.format(i=i) for name in NAMES.get(generic, ((), ()))[0])
+    return tuple(row[1] for row in _rows(key, 0))
 
 
-def timm_name(key: str) -> str | None:
-    """timm's name of one of this model's tensors; None for one a timm ViT has not (a router)."""
-    generic, i = _generic(key, LAYER)
-    return TIMM_NAMES[generic].format(i=i) if generic in TIMM_NAMES else None
+def _google(name: str, prefix: str, big_vision: bool, stacked: bool) -> str:
+    """A vit_jax name (NAMES' third column) in a Google file: big_vision's, whose blocks may be stacked on axis 0."""
+    for vit_jax, theirs in BIG_VISION.items() if big_vision else ():
+        name = name.replace(vit_jax, theirs)
+    return prefix + (re.sub(r'encoderblock_\d+/', 'encoderblock/', name) if stacked else name)
 
 
-def google_names(key: str, prefix: str = '', big_vision: bool = False, stacked: bool = False) -> tuple[str, ...]:
-    """Google's names of a timm ViT tensor, as timm's `_load_weights` reads them (three for the fused qkv): vit_jax's,
-    or big_vision's, whose blocks may be stacked on axis 0 (`encoderblock/`)."""
-    generic, i = _generic(key, BLOCK)
-    names = []
-    for name in NAMES[generic][1]:
-        for vit_jax, theirs in BIG_VISION.items() if big_vision else ():
-            name = name.replace(vit_jax, theirs)
-        names.append(prefix + (name.replace('encoderblock_{i}/', 'encoderblock/') if stacked else name).format(i=i))
-    return tuple(names)
+def google_names(key: str, google: tuple[str, bool, bool]) -> tuple[str, ...]:
+    """Google's names of a timm ViT tensor, as timm's `_load_weights` reads them (three for the fused qkv);
+    `google`: the file's key prefix, big_vision, stacked blocks."""
+    return tuple(_google(row[2], *google) for row in _rows(key, 0))
 
 
 # What each layout has that this ViT cannot hold: (key pattern, what it is).
@@ -144,10 +123,10 @@ class Pretrained:
 
     def file_key(self, ours: str) -> str:
         """The file's name for one of this model's names (for messages)."""
-        theirs = timm_name(ours) if self.layout in ('timm', 'vit_jax', 'big_vision') else None
-        if theirs is None or self.layout == 'timm':
-            return theirs or ours
-        return google_names(theirs, *self.google)[own_names(theirs).index(ours)]
+        rows = _rows(ours, 1) if self.layout in ('timm', 'vit_jax', 'big_vision') else None
+        if not rows:
+            return ours
+        return rows[0][0] if self.layout == 'timm' else _google(rows[0][2], *self.google)
 
 
 def read(path: str | Path, ema: bool = False) -> Pretrained:
@@ -157,27 +136,22 @@ def read(path: str | Path, ema: bool = False) -> Pretrained:
     """
     path = Path(path)
     check_file(path, 'weights file', 'a weights file (.npz, .safetensors, .pth, .bin or .ckpt)')
-    entries = _entries(path)
+    entries = None if path.suffix in ('.npz', '.safetensors') else read_checkpoint(path)
+    try:
+        if path.suffix == '.safetensors':
+            from safetensors.torch import load_file
+            entries = load_file(str(path))
+        elif path.suffix == '.npz':
+            with np.load(path, allow_pickle=False) as archive:
+                entries = {key: archive[key] for key in archive.files}  # read every array now: a cut file fails here
+    except Exception as error:  # zipfile, numpy, safetensors and the OS raise many types for a damaged file
+        raise ValueError(f"{path} is not a readable {path.suffix} file (truncated or an interrupted download?): "
+                         f"{type(error).__name__}: {one_line(error, limit=200)}") from None
     if ema:
         if not isinstance(entries.get('ema_state_dict'), dict):
             raise ValueError(f"{path} holds no EMA weights: expected a train.py checkpoint of a run with --model_ema")
         entries = {**entries, 'state_dict': entries['ema_state_dict']}
     return from_google_arrays(entries, path) if path.suffix == '.npz' else _from_state_dict(path, entries)
-
-
-def _entries(path: Path) -> dict:
-    """A .npz file's arrays, a .safetensors file's tensors, or what a checkpoint holds."""
-    if path.suffix not in ('.npz', '.safetensors'):
-        return read_checkpoint(path)
-    try:
-        if path.suffix == '.safetensors':
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}  # read every array now: a cut file fails here
-    except Exception as error:  # zipfile, numpy, safetensors and the OS raise many types for a damaged file
-        raise ValueError(f"{path} is not a readable {path.suffix} file (truncated or an interrupted download?): "
-                         f"{type(error).__name__}: {one_line(error, limit=200)}") from None
 
 
 def _misfit(path: Path | str, problems: list[str], layout: str | None = None) -> ValueError:
@@ -191,9 +165,11 @@ def _misfit(path: Path | str, problems: list[str], layout: str | None = None) ->
 
 
 def _unknown(path: Path, keys) -> ValueError:
-    shown = ', '.join(sorted(map(str, keys))[:4]) or 'none'
-    return ValueError(f"{path} has no ViT layout this loader knows (keys: {shown}); expected one of: "
-                      + '; '.join(LAYOUTS))
+    return ValueError(f"{path} has no ViT layout this loader knows (keys: {', '.join(sorted(map(str, keys))[:4]) or 'none'}"
+                      "); expected one of: Google .npz (vit_jax 'Transformer/encoderblock_0/...' or big_vision "
+                      "'params/...'); timm ViT state dict ('blocks.0.attn.qkv.weight'; .safetensors, .pth or .bin); "
+                      "ViT-pytorch state dict ('transformer.encoder.layer.0.attn.query.weight'); train.py checkpoint "
+                      "(a dict with 'state_dict' and 'config')")
 
 
 def _check_supported(path: Path | str, family: str, keys, class_token: str | None = None) -> None:
@@ -207,13 +183,13 @@ def _check_supported(path: Path | str, family: str, keys, class_token: str | Non
         raise ValueError(f"{path} cannot be held by this ViT: it has {', '.join(what)}{timm}")
 
 
-def check_weights(path: Path | str, tensors: dict[str, torch.Tensor]) -> None:
-    """The one rule for weights: every tensor floating-point and finite, else a one-line error naming it."""
+def check_weights(path: Path | str, tensors: dict[str, torch.Tensor | np.ndarray]) -> None:
+    """The one rule for weights: every tensor (or array) floating-point and finite, else a one-line error naming it."""
     for key, value in tensors.items():
-        if not value.is_floating_point():
+        if not (value.is_floating_point() if isinstance(value, torch.Tensor) else value.dtype.kind == 'f'):
             raise ValueError(f"{path}: {key} holds {str(value.dtype).removeprefix('torch.')} values; "
                              "expected floating-point weights")
-        if not bool(torch.isfinite(value).all()):
+        if not bool(torch.isfinite(torch.as_tensor(value)).all()):
             raise ValueError(f"{path}: {key} holds NaN or infinite values; expected finite weights")
 
 
@@ -227,10 +203,7 @@ def from_google_arrays(arrays: dict[str, np.ndarray], path: Path | str = 'weight
     if prefix is None:
         raise _unknown(path, arrays)
     arrays = {key: value for key, value in arrays.items() if key.startswith(prefix)}  # not the optimizer's state
-    odd = next((key for key, value in arrays.items() if value.dtype.kind != 'f'), None)
-    if odd is not None:
-        raise ValueError(f"{path}: {odd} holds {arrays[odd].dtype} values; expected floating-point weights")
-    check_weights(path, {key: torch.from_numpy(value) for key, value in arrays.items()})  # named as in the file
+    check_weights(path, arrays)  # named as in the file
     stacked = f'{prefix}Transformer/encoderblock/LayerNorm_0/scale' in arrays
     google = (prefix, prefix.startswith('params/') or f'{prefix}pos_embedding' in arrays or stacked, stacked)
     layout = 'big_vision' if google[1] else 'vit_jax'
@@ -242,7 +215,7 @@ def from_google_arrays(arrays: dict[str, np.ndarray], path: Path | str = 'weight
         raise ValueError(f"{path}: {prefix}embedding/kernel of shape {kernel.shape} is malformed: "
                          "expected (patch, patch, channels, width)")
     _check_google_keys(path, layout, arrays, google, max(depth, 1))
-    query, fc1, head, posemb = (arrays.get(google_names(key, *google)[0]) for key in (
+    query, fc1, head, posemb = (arrays.get(google_names(key, google)[0]) for key in (
         'blocks.0.attn.qkv.weight', 'blocks.0.mlp.fc1.weight', HEAD[0], 'pos_embed'))
     class_positions, side = _posemb_grid(posemb, path)  # big_vision's table has no class position
     num_heads = query.shape[-2] if query.ndim == 3 + stacked else None  # per-head kernels (D, heads, D/heads)
@@ -260,7 +233,7 @@ def from_google_arrays(arrays: dict[str, np.ndarray], path: Path | str = 'weight
     except (AssertionError, RuntimeError, ValueError, KeyError, IndexError) as error:  # arrays that disagree in shape
         raise ValueError(f"{path}: timm cannot read its arrays as one ViT: {one_line(error, limit=200)}") from None
     state = vit.state_dict()
-    dense, bias = (google_names(key, *google)[0] for key in PRE_LOGITS)
+    dense, bias = (google_names(key, google)[0] for key in PRE_LOGITS)
     if dense in arrays:  # the representation layer, which timm no longer reads
         state.update(zip(PRE_LOGITS, (torch.from_numpy(arrays[dense].T.copy()), torch.from_numpy(arrays[bias].copy()))))
     return _from_timm(path, layout, state, num_heads=num_heads, google=google)
@@ -270,45 +243,41 @@ def _check_google_keys(path: Path | str, layout: str, arrays: dict[str, np.ndarr
                        depth: int) -> None:
     """Every array has a place in a ViT of `depth` blocks and every one it needs is there (a head and a
     representation layer are optional), else one line naming them."""
-    expected = list(dict.fromkeys(name for key in NAMES for i in range(depth)
-                                  for name in google_names(key.format(i=i), *google)))
+    expected = dict.fromkeys(_google(row[2].format(i=i), *google) for row in NAMES for i in range(depth))
     unknown = [key for key in arrays if key not in expected]
     if unknown:
         raise _misfit(path, unknown, layout)
-    optional = [[name for key in keys for name in google_names(key, *google)] for keys in (HEAD, PRE_LOGITS)]
-    optional = {name for names in optional if not any(name in arrays for name in names) for name in names}
-    missing = [f'missing {key}' for key in expected if key not in arrays and key not in optional]
+    optional = tuple(part for part in (f'{google[0]}head/', f'{google[0]}pre_logits/')
+                     if not any(key.startswith(part) for key in arrays))
+    missing = [f'missing {key}' for key in expected if key not in arrays and not key.startswith(optional)]
     if missing:
         raise _misfit(path, missing)
 
 
 def _from_state_dict(path: Path, entries: dict) -> Pretrained:
-    checkpoint = {}
-    state = entries
-    for wrapper in ('model', 'state_dict'):
-        if isinstance(state.get(wrapper), dict):
-            if wrapper == 'state_dict':
-                checkpoint = {key: value for key, value in state.items() if key != 'state_dict'}
-            state = state[wrapper]
+    state, checkpoint = entries['model'] if isinstance(entries.get('model'), dict) else entries, {}
+    if isinstance(state.get('state_dict'), dict):  # a train.py checkpoint's other entries: config, class_names...
+        checkpoint, state = {key: value for key, value in state.items() if key != 'state_dict'}, state['state_dict']
     odd = next((key for key in state if not isinstance(key, str)), None)
     if odd is not None:
         raise ValueError(f"{path}: entry {odd!r} is named by a {type(odd).__name__}; expected weight names (strings)")
     tensors = {key.removeprefix('module.'): value for key, value in state.items() if isinstance(value, torch.Tensor)}
+    timm_model = isinstance(checkpoint.get('config'), dict) and 'timm_name' in checkpoint['config']  # train.py's
+    if not (timm_model or 'patch_embed.proj.weight' in tensors or any(key.startswith('transformer.embeddings.')
+                                                                      for key in tensors)):
+        raise _unknown(path, tensors or state)
     check_weights(path, tensors)
-    if isinstance(checkpoint.get('config'), dict) and 'timm_name' in checkpoint['config']:  # train.py, a timm model
+    if timm_model:
         return Pretrained(path, 'train.py', tensors, checkpoint)
     if 'patch_embed.proj.weight' in tensors:
         _check_supported(path, 'timm', tensors, 'cls_token')
         return _from_timm(path, 'timm', tensors)
-    if PATCH in tensors or any(key.startswith('transformer.embeddings.') for key in tensors):
-        layout = 'train.py' if 'config' in checkpoint else 'vit_pytorch'
-        _check_supported(path, 'own', tensors)
-        unknown = [key for key in tensors if timm_name(key) is None
-                   and not re.match(r'transformer\.encoder\.layer\.\d+\.attn\.router\.', key)]
-        if unknown:
-            raise _misfit(path, unknown, layout)
-        return Pretrained(path, layout, {key: value.float() for key, value in tensors.items()}, checkpoint)
-    raise _unknown(path, tensors or state)
+    layout = 'train.py' if 'config' in checkpoint else 'vit_pytorch'
+    _check_supported(path, 'own', tensors)
+    unknown = [key for key in tensors if not _rows(key, 1) and not re.match(ROUTER, key)]
+    if unknown:
+        raise _misfit(path, unknown, layout)
+    return Pretrained(path, layout, {key: value.float() for key, value in tensors.items()}, checkpoint)
 
 
 def _from_timm(path: Path | str, layout: str, tensors: dict[str, torch.Tensor], **found) -> Pretrained:
@@ -328,15 +297,12 @@ def _from_timm(path: Path | str, layout: str, tensors: dict[str, torch.Tensor], 
 # Fitting to a model
 
 
-def _is_square(n: int) -> bool:
-    return n >= 0 and math.isqrt(n) ** 2 == n
-
-
 def _posemb_grid(posemb: torch.Tensor | np.ndarray, path: Path | str) -> tuple[int, int]:
     """(class positions: 1, or 0 as in big_vision's and timm's no_embed_class tables; grid side) of a position
     embedding (1, [1 +] side*side, width); one line otherwise."""
     tokens = posemb.shape[-2] if posemb.ndim in (2, 3) else 0
-    class_positions = 0 if _is_square(tokens) and not _is_square(tokens - 1) else 1
+    square = [n >= 0 and math.isqrt(n) ** 2 == n for n in (tokens, tokens - 1)]
+    class_positions = 0 if square[0] and not square[1] else 1
     side = math.isqrt(max(tokens - class_positions, 0))
     if side == 0 or side * side != tokens - class_positions:
         raise ValueError(f"{path}: position embedding of shape {tuple(posemb.shape)} is not (1, [1 +] a square grid, "
