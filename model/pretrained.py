@@ -59,8 +59,7 @@ BIG_VISION = {'MultiHeadDotProductAttention_1': 'MultiHeadDotProductAttention_0'
 def _rows(key: str, column: int) -> list[tuple[str, str, str]]:
     """The rows of NAMES whose `column` (0: timm, 1: this model) is `key`, its block index filled in."""
     found = re.match(re.escape(('blocks.', 'transformer.encoder.layer.')[column]) + r'(\d+)\.', key)
-    generic = key if found is None else (BLOCK, LAYER)[column] + key[found.end():]
-    i = '' if found is None else found[1]
+    generic, i = (key, '') if found is None else ((BLOCK, LAYER)[column] + key[found.end():], found[1])
     return [tuple(name.format(i=i) for name in row) for row in NAMES if row[column] == generic]
 
 
@@ -76,10 +75,10 @@ def _google(name: str, prefix: str, big_vision: bool, stacked: bool) -> str:
     return prefix + (re.sub(r'encoderblock_\d+/', 'encoderblock/', name) if stacked else name)
 
 
-def google_names(key: str, google: tuple[str, bool, bool]) -> tuple[str, ...]:
-    """Google's names of a timm ViT tensor, as timm's `_load_weights` reads them (three for the fused qkv);
-    `google`: the file's key prefix, big_vision, stacked blocks."""
-    return tuple(_google(row[2], *google) for row in _rows(key, 0))
+def google_name(key: str, google: tuple[str, bool, bool]) -> str:
+    """Google's name of a timm ViT tensor (the query's for the fused qkv), as timm's `_load_weights` reads it from a
+    file of `google` = (key prefix, big_vision, stacked blocks)."""
+    return _google(_rows(key, 0)[0][2], *google)
 
 
 # What each layout has that this ViT cannot hold: (key pattern, what it is).
@@ -114,8 +113,7 @@ class Pretrained:
 
     @property
     def num_classes(self) -> int | None:
-        head = self.tensors.get('head.weight')
-        return None if head is None else head.shape[0]
+        return self.tensors['head.weight'].shape[0] if 'head.weight' in self.tensors else None
 
     @property
     def has_routers(self) -> bool:
@@ -154,22 +152,25 @@ def read(path: str | Path, ema: bool = False) -> Pretrained:
     return from_google_arrays(entries, path) if path.suffix == '.npz' else _from_state_dict(path, entries)
 
 
-def _misfit(path: Path | str, problems: list[str], layout: str | None = None) -> ValueError:
-    """One line listing what does not fit; with `layout`, `problems` are the file's entries with no place here."""
+def _refuse(path: Path | str, problems: list[str], layout: str | None = None) -> None:
+    """One line listing what does not fit, if anything; with `layout`, `problems` are the file's entries with no
+    place here."""
     shown = 4 if layout else 6
     listed = ('; ', ', ')[bool(layout)].join(problems[:shown])
     listed += f" (and {len(problems) - shown} more)" if len(problems) > shown else ''
-    if layout is not None:
-        return ValueError(f"{path} cannot be held by this ViT: entries {listed} have no place in it ({layout} layout)")
-    return ValueError(f"{path} does not fit this model ({len(problems)} problems): {listed}")
+    if problems and layout is not None:
+        raise ValueError(f"{path} cannot be held by this ViT: entries {listed} have no place in it ({layout} layout)")
+    if problems:
+        raise ValueError(f"{path} does not fit this model ({len(problems)} problems): {listed}")
 
 
 def _unknown(path: Path, keys) -> ValueError:
-    return ValueError(f"{path} has no ViT layout this loader knows (keys: {', '.join(sorted(map(str, keys))[:4]) or 'none'}"
-                      "); expected one of: Google .npz (vit_jax 'Transformer/encoderblock_0/...' or big_vision "
-                      "'params/...'); timm ViT state dict ('blocks.0.attn.qkv.weight'; .safetensors, .pth or .bin); "
-                      "ViT-pytorch state dict ('transformer.encoder.layer.0.attn.query.weight'); train.py checkpoint "
-                      "(a dict with 'state_dict' and 'config')")
+    shown = ', '.join(sorted(map(str, keys))[:4]) or 'none'
+    return ValueError(f"{path} has no ViT layout this loader knows (keys: {shown}); expected one of: Google .npz "
+                      "(vit_jax 'Transformer/encoderblock_0/...' or big_vision 'params/...'); timm ViT state dict "
+                      "('blocks.0.attn.qkv.weight'; .safetensors, .pth or .bin); ViT-pytorch state dict "
+                      "('transformer.encoder.layer.0.attn.query.weight'); train.py checkpoint (a dict with "
+                      "'state_dict' and 'config')")
 
 
 def _check_supported(path: Path | str, family: str, keys, class_token: str | None = None) -> None:
@@ -194,11 +195,9 @@ def check_weights(path: Path | str, tensors: dict[str, torch.Tensor | np.ndarray
 
 
 def from_google_arrays(arrays: dict[str, np.ndarray], path: Path | str = 'weights') -> Pretrained:
-    """Google's arrays (vit_jax or big_vision keys) under this model's names.
-
-    Every key is checked first (each one out of place or missing named in one line: timm's reader would stop at the
-    first); timm's `_load_weights` converts the arrays into a timm ViT of the file's shapes, renamed by `own_names`.
-    """
+    """Google's arrays (vit_jax or big_vision keys) under this model's names: every key checked first (all those out
+    of place or missing named in one line; timm's reader would stop at the first), then timm's `_load_weights` converts
+    the arrays into a timm ViT of the file's shapes, whose names `own_names` maps."""
     prefix = next((p for p in ('', 'opt/target/', 'params/', 'params/img/') if f'{p}embedding/kernel' in arrays), None)
     if prefix is None:
         raise _unknown(path, arrays)
@@ -214,8 +213,12 @@ def from_google_arrays(arrays: dict[str, np.ndarray], path: Path | str = 'weight
     if kernel.ndim != 4:
         raise ValueError(f"{path}: {prefix}embedding/kernel of shape {kernel.shape} is malformed: "
                          "expected (patch, patch, channels, width)")
-    _check_google_keys(path, layout, arrays, google, max(depth, 1))
-    query, fc1, head, posemb = (arrays.get(google_names(key, google)[0]) for key in (
+    expected = dict.fromkeys(_google(row[2].format(i=i), *google) for row in NAMES for i in range(max(depth, 1)))
+    _refuse(path, [key for key in arrays if key not in expected], layout)
+    optional = tuple(part for part in (f'{prefix}head/', f'{prefix}pre_logits/')  # a head, a representation layer
+                     if not any(key.startswith(part) for key in arrays))
+    _refuse(path, [f'missing {key}' for key in expected if key not in arrays and not key.startswith(optional)])
+    query, fc1, head, posemb = (arrays.get(google_name(key, google)) for key in (
         'blocks.0.attn.qkv.weight', 'blocks.0.mlp.fc1.weight', HEAD[0], 'pos_embed'))
     class_positions, side = _posemb_grid(posemb, path)  # big_vision's table has no class position
     num_heads = query.shape[-2] if query.ndim == 3 + stacked else None  # per-head kernels (D, heads, D/heads)
@@ -233,25 +236,10 @@ def from_google_arrays(arrays: dict[str, np.ndarray], path: Path | str = 'weight
     except (AssertionError, RuntimeError, ValueError, KeyError, IndexError) as error:  # arrays that disagree in shape
         raise ValueError(f"{path}: timm cannot read its arrays as one ViT: {one_line(error, limit=200)}") from None
     state = vit.state_dict()
-    dense, bias = (google_names(key, google)[0] for key in PRE_LOGITS)
+    dense, bias = (google_name(key, google) for key in PRE_LOGITS)
     if dense in arrays:  # the representation layer, which timm no longer reads
         state.update(zip(PRE_LOGITS, (torch.from_numpy(arrays[dense].T.copy()), torch.from_numpy(arrays[bias].copy()))))
     return _from_timm(path, layout, state, num_heads=num_heads, google=google)
-
-
-def _check_google_keys(path: Path | str, layout: str, arrays: dict[str, np.ndarray], google: tuple[str, bool, bool],
-                       depth: int) -> None:
-    """Every array has a place in a ViT of `depth` blocks and every one it needs is there (a head and a
-    representation layer are optional), else one line naming them."""
-    expected = dict.fromkeys(_google(row[2].format(i=i), *google) for row in NAMES for i in range(depth))
-    unknown = [key for key in arrays if key not in expected]
-    if unknown:
-        raise _misfit(path, unknown, layout)
-    optional = tuple(part for part in (f'{google[0]}head/', f'{google[0]}pre_logits/')
-                     if not any(key.startswith(part) for key in arrays))
-    missing = [f'missing {key}' for key in expected if key not in arrays and not key.startswith(optional)]
-    if missing:
-        raise _misfit(path, missing)
 
 
 def _from_state_dict(path: Path, entries: dict) -> Pretrained:
@@ -274,18 +262,14 @@ def _from_state_dict(path: Path, entries: dict) -> Pretrained:
         return _from_timm(path, 'timm', tensors)
     layout = 'train.py' if 'config' in checkpoint else 'vit_pytorch'
     _check_supported(path, 'own', tensors)
-    unknown = [key for key in tensors if not _rows(key, 1) and not re.match(ROUTER, key)]
-    if unknown:
-        raise _misfit(path, unknown, layout)
+    _refuse(path, [key for key in tensors if not _rows(key, 1) and not re.match(ROUTER, key)], layout)
     return Pretrained(path, layout, {key: value.float() for key, value in tensors.items()}, checkpoint)
 
 
 def _from_timm(path: Path | str, layout: str, tensors: dict[str, torch.Tensor], **found) -> Pretrained:
     """A timm ViT state dict (weights checked) under this model's names, in float32; a key with no place here is
     named in one line."""
-    unknown = [key for key in tensors if not own_names(key)]
-    if unknown:
-        raise _misfit(path, unknown, layout)
+    _refuse(path, [key for key in tensors if not own_names(key)], layout)
     renamed = {}
     for key, value in tensors.items():
         names = own_names(key)
@@ -311,12 +295,9 @@ def _posemb_grid(posemb: torch.Tensor | np.ndarray, path: Path | str) -> tuple[i
 
 
 def resize_posemb(posemb: torch.Tensor, grid: tuple[int, int], path: Path | str = 'checkpoint') -> torch.Tensor:
-    """A (1, [1 +] g*g, D) position embedding as (1, 1 + grid_h*grid_w, D).
-
-    A table without a class position (big_vision, timm's no_embed_class) gets a zero one; another grid is
-    resized as the official code does (scipy zoom, order 1), which is timm's `resample_abs_pos_embed` bilinear
-    with the corners aligned and no antialiasing (in float32).
-    """
+    """A (1, [1 +] g*g, D) position embedding as (1, 1 + grid_h*grid_w, D): a table without a class position
+    (big_vision, timm's no_embed_class) gets a zero one; another grid is resized as the official code does (scipy
+    zoom, order 1), which is timm's `resample_abs_pos_embed` bilinear with the corners aligned, not antialiased."""
     if posemb.dim() == 2:
         posemb = posemb[None]
     if posemb.dim() != 3 or posemb.shape[0] != 1:
@@ -337,21 +318,11 @@ def _architecture(tensors: dict[str, torch.Tensor], heads: int | None) -> dict[s
     found = {}
     if PATCH in tensors and tensors[PATCH].dim() == 4:
         found.update(patch='{}x{}'.format(*tensors[PATCH].shape[-2:]), width=tensors[PATCH].shape[0])
-    found['depth'] = 1 + max((int(key.split('.')[3]) for key in tensors if key.startswith('transformer.encoder.layer.')),
-                             default=-1)
+    layers = [int(key.split('.')[3]) for key in tensors if key.startswith('transformer.encoder.layer.')]
+    found['depth'] = 1 + max(layers, default=-1)
     if 'transformer.encoder.layer.0.ffn.fc1.weight' in tensors:
         found['mlp'] = tensors['transformer.encoder.layer.0.ffn.fc1.weight'].shape[0]
     return found if heads is None else {**found, 'heads': heads}
-
-
-def check_architecture(model: VisionTransformer, weights: Pretrained) -> None:
-    """One line naming every dimension (patch size, width, depth, MLP width, heads) where file and model differ."""
-    theirs = _architecture(weights.tensors, weights.num_heads)
-    ours = _architecture(model.state_dict(), model.config.transformer.num_heads)
-    differ = [f"{name} {value} vs {ours.get(name)}" for name, value in theirs.items() if value != ours.get(name)]
-    if differ:
-        raise ValueError(f"{weights.path} holds another ViT than this model's config ({', '.join(differ)}, "
-                         "file vs model): choose the matching --model_type")
 
 
 @torch.no_grad()
@@ -362,14 +333,17 @@ def load_into(model: VisionTransformer, weights: Pretrained, head: bool, routers
     `routers`: load the file's routers (they must be this model's), else they keep their initialisation.
     A mismatch raises one ValueError line that names it.
     """
-    check_architecture(model, weights)
+    theirs, own = _architecture(weights.tensors, weights.num_heads), model.state_dict()
+    ours = _architecture(own, model.config.transformer.num_heads)
+    differ = [f"{name} {value} vs {ours.get(name)}" for name, value in theirs.items() if value != ours.get(name)]
+    if differ:  # every dimension (patch size, width, depth, MLP width, heads) where file and model differ
+        raise ValueError(f"{weights.path} holds another ViT than this model's config ({', '.join(differ)}, "
+                         "file vs model): choose the matching --model_type")
     if routers:
         check_router_keys(weights.tensors, model.config.transformer.pooling)
     state = dict(weights.tensors)
     if POSEMB in state:
         state[POSEMB] = resize_posemb(state[POSEMB], model.grid, weights.path)
-
-    own = model.state_dict()
 
     def wanted(key: str) -> bool:
         if key in PRE_LOGITS and key not in own:
@@ -380,8 +354,7 @@ def load_into(model: VisionTransformer, weights: Pretrained, head: bool, routers
     problems += [f"unexpected {weights.file_key(key)}" for key in state if wanted(key) and key not in own]
     problems += [f"{weights.file_key(key)}: file {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
                  for key in own if wanted(key) and key in state and state[key].shape != own[key].shape]
-    if problems:
-        raise _misfit(weights.path, problems)
+    _refuse(weights.path, problems)
     for key, value in own.items():
         if wanted(key):
             value.copy_(state[key])
