@@ -128,10 +128,8 @@ class Pretrained:
 
 
 def read(path: str | Path, ema: bool = False) -> Pretrained:
-    """The weights of a pretrained file, renamed to this model's names; a one-line ValueError otherwise.
-
-    `ema`: the weight average a train.py checkpoint of a --model_ema run holds, instead of its live weights.
-    """
+    """The weights of a pretrained file, renamed to this model's names; a one-line ValueError otherwise. `ema`: the
+    weight average a train.py checkpoint of a --model_ema run holds, instead of its live weights."""
     path = Path(path)
     check_file(path, 'weights file', 'a weights file (.npz, .safetensors, .pth, .bin or .ckpt)')
     entries = None if path.suffix in ('.npz', '.safetensors') else read_checkpoint(path)
@@ -153,8 +151,8 @@ def read(path: str | Path, ema: bool = False) -> Pretrained:
 
 
 def _refuse(path: Path | str, problems: list[str], layout: str | None = None) -> None:
-    """One line listing what does not fit, if anything; with `layout`, `problems` are the file's entries with no
-    place here."""
+    """One line listing what does not fit, if anything (with `layout`: the file's entries with no place here)."""
+    problems = list(dict.fromkeys(problems))  # timm's fused qkv is named once for its query, key and value
     shown = 4 if layout else 6
     listed = ('; ', ', ')[bool(layout)].join(problems[:shown])
     listed += f" (and {len(problems) - shown} more)" if len(problems) > shown else ''
@@ -289,8 +287,7 @@ def _posemb_grid(posemb: torch.Tensor | np.ndarray, path: Path | str) -> tuple[i
     class_positions = 0 if square[0] and not square[1] else 1
     side = math.isqrt(max(tokens - class_positions, 0))
     if side == 0 or side * side != tokens - class_positions:
-        raise ValueError(f"{path}: position embedding of shape {tuple(posemb.shape)} is not (1, [1 +] a square grid, "
-                         "width)")
+        raise ValueError(f"{path}: position embedding of shape {tuple(posemb.shape)}; expected (1, [1 +] g*g, width)")
     return class_positions, side
 
 
@@ -307,10 +304,8 @@ def resize_posemb(posemb: torch.Tensor, grid: tuple[int, int], path: Path | str 
         _posemb_grid(posemb, path)
     if not class_positions:
         posemb = torch.cat([posemb.new_zeros(1, 1, posemb.shape[-1]), posemb], dim=1)
-    if not side:
-        return posemb
     return resample_abs_pos_embed(posemb, list(grid), [side, side], num_prefix_tokens=1, interpolation='bilinear',
-                                  antialias=False, align_corners=True)
+                                  antialias=False, align_corners=True) if side else posemb
 
 
 def _architecture(tensors: dict[str, torch.Tensor], heads: int | None) -> dict[str, object]:
@@ -327,12 +322,9 @@ def _architecture(tensors: dict[str, torch.Tensor], heads: int | None) -> dict[s
 
 @torch.no_grad()
 def load_into(model: VisionTransformer, weights: Pretrained, head: bool, routers: bool) -> None:
-    """Copy `weights` into `model`, position embeddings resized to its grid.
-
+    """Copy `weights` into `model`, position embeddings resized to its grid; one ValueError line names any mismatch.
     `head`: load the file's classifier (it must exist and have the model's classes), else leave the model's.
-    `routers`: load the file's routers (they must be this model's), else they keep their initialisation.
-    A mismatch raises one ValueError line that names it.
-    """
+    `routers`: load the file's routers (they must be this model's), else they keep their initialisation."""
     theirs, own = _architecture(weights.tensors, weights.num_heads), model.state_dict()
     ours = _architecture(own, model.config.transformer.num_heads)
     differ = [f"{name} {value} vs {ours.get(name)}" for name, value in theirs.items() if value != ours.get(name)]
@@ -361,11 +353,8 @@ def load_into(model: VisionTransformer, weights: Pretrained, head: bool, routers
 
 
 def load_pretrained(model: VisionTransformer, path: str | Path | Pretrained) -> Pretrained:
-    """Start a fine-tune from a pretrained file: the backbone loads, routers keep their initialisation.
-
-    The head loads only when the model has no zero_head and the file's classes are the model's;
-    otherwise the model's fresh head stays.
-    """
+    """Start a fine-tune from a pretrained file: the backbone loads, routers keep their initialisation, the head loads
+    only when the model has no zero_head and the file has its classes (otherwise the model's fresh head stays)."""
     weights = path if isinstance(path, Pretrained) else read(path)
     keep_head = not model.zero_head and weights.num_classes == model.num_classes
     load_into(model, weights, head=keep_head, routers=False)
@@ -374,12 +363,10 @@ def load_pretrained(model: VisionTransformer, path: str | Path | Pretrained) -> 
 
 def build_model(weights: Pretrained, model_type: str = 'ViT-B_16', orders: list[int] | None = None,
                 img_size: int | None = None, num_classes: int | None = None) -> VisionTransformer:
-    """The whole model a file holds, head included, in eval mode, for prediction and evaluation.
-
-    A train.py checkpoint carries its config, image size and classes (`img_size` may override the size).
-    Other files take the config from `model_type`, a plain ViT unless `orders` is given or the file has
-    routers; the image size from the position embeddings; the classes from the head.
-    """
+    """The whole model a file holds, head included, in eval mode, for prediction and evaluation. A train.py checkpoint
+    carries its config, image size and classes (`img_size` may override the size). Other files take the config from
+    `model_type`, a plain ViT unless `orders` is given or the file has routers; the image size from the position
+    embeddings; the classes from the head."""
     if weights.layout == 'train.py':
         missing = [key for key in ('config', 'img_size', 'num_classes') if key not in weights.checkpoint]
         if missing:
