@@ -220,6 +220,13 @@ def test_what_this_vit_cannot_hold_is_named(tmp_path, name, changes, expected):
     assert expected in message and str(path) in message
 
 
+def test_a_fused_qkv_of_another_shape_is_named_once_by_its_timm_name(tmp_path):
+    """timm's qkv is three of this model's tensors: a misfit names the file's one tensor, once."""
+    path = save_timm(tmp_path, 'qkv', {**timm_vit().state_dict(), 'blocks.1.attn.qkv.weight': torch.zeros(96, 16)})
+    message = one_line_error(pretrained.load_pretrained, VisionTransformer(plain_testing(), 32, num_classes=10), path)
+    assert '(1 problems): blocks.1.attn.qkv.weight: file (32, 16) vs model (32, 32)' in message, message
+
+
 def test_distilled_deit_is_named(tmp_path):
     path = save_timm(tmp_path, 'deit', timm_vit(VisionTransformerDistilled).state_dict())
     message = one_line_error(pretrained.read, path)

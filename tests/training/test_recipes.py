@@ -15,7 +15,7 @@ from timm.utils import ModelEmaV3
 
 from model.config import get_config
 from model.modeling import VisionTransformer
-from model.pretrained import _from_state_dict, _timm_rules, load_into
+from model.pretrained import _from_state_dict, load_into, own_names
 from utils.augment import BatchMixup, build_mixup, recipe_train_transform, step_seed, train_loss
 from utils.data_utils import Augmented, DigitsDataset
 from utils.optim import build_ema, build_optimizer
@@ -40,15 +40,8 @@ def tiny_ours(orders=(), drop_path_rate: float = 0.0) -> VisionTransformer:
 
 
 def timm_names() -> dict[str, str]:
-    """Our parameter name -> timm's (the qkv parameters are three of ours), from the checkpoint adapter's rules."""
-    names = {}
-    for theirs in tiny_timm().state_dict():
-        for rule in _timm_rules():
-            groups = rule.match(theirs, lambda r: r.theirs)
-            if groups is not None:
-                names.update({ours.format(**groups): theirs for ours in rule.ours})
-                break
-    return names
+    """Our parameter name -> timm's (the qkv parameters are three of ours), from the checkpoint adapter's names."""
+    return {ours: theirs for theirs in tiny_timm().state_dict() for ours in own_names(theirs)}
 
 
 def group_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, tuple[float, float, float]]:
