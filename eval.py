@@ -12,9 +12,14 @@ process evaluates a disjoint shard, so every image counts once. The summary is p
 the checkpoint, an input, a file this project's tools did not write, or the summary of another checkpoint
 (utils/outputs.py).
 """
-import argparse
-import json
 import sys
+
+if __name__ == '__main__':  # a Ctrl-C or the machine's OSError during the slow imports below: one line too
+    from utils.errors import starting
+    starting()
+
+import argparse  # noqa: E402 (the handler above comes first)
+import json  # noqa: E402
 from functools import partial
 from pathlib import Path
 

@@ -11,9 +11,14 @@ config comes from `--model_type` (a plain ViT unless `--orders` says otherwise o
 weights), the image size and number of classes from the file unless given. Images are preprocessed
 with training's evaluation transform.
 """
-import argparse
-import json
 import sys
+
+if __name__ == '__main__':  # a Ctrl-C or the machine's OSError during the slow imports below: one line too
+    from utils.errors import starting
+    starting()
+
+import argparse  # noqa: E402 (the handler above comes first)
+import json  # noqa: E402
 from collections import Counter
 from pathlib import Path
 
@@ -89,9 +94,13 @@ def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, list[str]]:
                                               device=args.device, ema=args.use_ema)
     except ValueError as error:
         raise InputError(one_line(error, limit=None)) from None
-    if weights.layout == 'train.py':
-        return model, inference.class_names_of(weights) or default_class_names(model.num_classes)
-    return model, names_for(model.num_classes, args)
+    own = inference.class_names_of(weights)
+    if own is None:
+        return model, names_for(model.num_classes, args)
+    if args.dataset is not None and names_for(model.num_classes, args) != own:
+        raise InputError(f"--dataset {args.dataset}: {path} is a train.py checkpoint, which carries its own class "
+                         f"names ({', '.join(own[:3])}, ...); expected no --dataset")
+    return model, own
 
 
 def names_for(num_classes: int, args: argparse.Namespace) -> list[str]:

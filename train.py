@@ -13,9 +13,9 @@ next evaluation and returns what it measured; `main` evaluates, logs and saves (
 """
 import sys
 
-if __name__ == '__main__':  # a Ctrl-C during the slow imports below ends with one line too
-    from utils.errors import exit_on_interrupt
-    exit_on_interrupt("interrupted before the first training step; this run wrote no checkpoint")
+if __name__ == '__main__':  # a Ctrl-C or the machine's OSError during the slow imports below: one line too
+    from utils.errors import starting
+    starting("interrupted before the first training step; this run wrote no checkpoint")
 
 import argparse  # noqa: E402 (the handler above comes first)
 import ast

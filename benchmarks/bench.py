@@ -16,20 +16,25 @@ building the model. `timm` (benchmarks/requirements.txt) adds timm's ViT-B/16 wh
 `--recipes` times instead train.py's whole optimizer step of the TRAR model under the `vit` recipe and under
 `deit` with every part on (RECIPE_STEPS), and the loader's per-image training transform of each.
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == '__main__':  # a Ctrl-C or the machine's OSError during the slow imports below: one line too
+    from utils.errors import starting
+    starting()
+
 import argparse
 import math
 import multiprocessing
 import statistics
-import sys
 import time
 from functools import partial
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import modeling  # noqa: E402
 from utils.errors import command_line  # noqa: E402
 from model.config import get_config, parse_orders  # noqa: E402

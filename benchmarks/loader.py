@@ -20,6 +20,14 @@ machine); images/s per worker is the loader's images/s divided by its workers. `
 Scan rows. `scan` builds a tree of empty files (1000 class folders) on a tmpfs (/dev/shm, else the temporary
 folder), then times `scan_image_folder` cold (no cached list) and with the cached list it writes.
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == '__main__':  # a Ctrl-C or the machine's OSError during the slow imports below: one line too
+    from utils.errors import starting
+    starting()
+
 import argparse
 import contextlib
 import functools
@@ -27,10 +35,8 @@ import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +44,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import folders  # noqa: E402
 from utils.data_utils import Augmented, DeviceBatches, collate_skipping_none, load_split  # noqa: E402
 from utils.errors import command_line  # noqa: E402

@@ -7,16 +7,20 @@ was seen by a model trained on `digits`. pic/1.jpg, test.py's default image, is 
 Files are written by utils/outputs.py's rule: an existing file is replaced only if this project wrote it
 (each picture carries the mark), and every name is checked before the first is written.
 """
-import argparse
+import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, PngImagePlugin
-
 ROOT = Path(__file__).resolve().parents[1]
-import sys  # noqa: E402
-
 sys.path.insert(0, str(ROOT))
+if __name__ == '__main__':  # a Ctrl-C or the machine's OSError during the slow imports below: one line too
+    from utils.errors import starting
+    starting()
+
+import argparse  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image, PngImagePlugin  # noqa: E402
+
 from utils import outputs, tool  # noqa: E402
 from utils.errors import command_line  # noqa: E402
 from utils.data_utils import digits_split  # noqa: E402

@@ -10,18 +10,23 @@ The output is deterministic: the same tree, --seed and --shard_size give the sam
 continues where it stopped: finished shards of the same plan are kept, the rest are written. A file at a
 shard's name that this script did not write for this plan is never replaced: the run stops with one line.
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == '__main__':  # a Ctrl-C or the machine's OSError during the slow imports below: one line too
+    from utils.errors import starting
+    starting()
+
 import argparse
 import hashlib
 import io
 import json
 import os
-import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.folders import imagenet_names, scan_image_folder  # noqa: E402
 from utils.shards import SHARD_FORMAT, SHARD_META  # noqa: E402
 from utils.errors import command_line  # noqa: E402

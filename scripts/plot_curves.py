@@ -11,11 +11,17 @@ checkpoints record seeds: a mismatch is an error) and the per-seed differences (
 are reported too. `--summary PATH` writes PATH.json and a markdown table to PATH.md. Every argument and output place is
 checked before the logs are read (utils/outputs.py's rule); an error is one line naming this script.
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == '__main__':  # a Ctrl-C or the machine's OSError during the slow imports below: one line too
+    from utils.errors import starting
+    starting()
+
 import argparse
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import matplotlib
 
@@ -24,7 +30,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import outputs, tool  # noqa: E402
 from utils.errors import command_line, message  # noqa: E402
 from utils.checkpoint import read as read_checkpoint  # noqa: E402

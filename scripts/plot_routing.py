@@ -10,10 +10,16 @@ per-image picture `test.py --routing_plot` draws. The mean weights are also prin
 `--json PATH`, written to a file. Every argument and output place is checked before the model is evaluated
 (utils/outputs.py's rule); an error is one line naming this script.
 """
-import argparse
-import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == '__main__':  # a Ctrl-C or the machine's OSError during the slow imports below: one line too
+    from utils.errors import starting
+    starting()
+
+import argparse
+import re
 
 import matplotlib
 
@@ -22,7 +28,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model.modeling import VisionTransformer  # noqa: E402
 from plot_curves import read_scalars  # noqa: E402

@@ -153,10 +153,20 @@ def _exit_quietly(code: int) -> NoReturn:
     sys.exit(code)
 
 
-def exit_on_interrupt(message: str) -> None:
-    """From now until a run installs its own handler, Ctrl-C ends the process at once with its one line
-    (for the seconds a tool spends importing torch, where a KeyboardInterrupt would print a traceback)."""
-    signal.signal(signal.SIGINT, lambda signum, frame: exit_with(message, INTERRUPTED))
+def starting(interrupted: str = 'interrupted') -> None:
+    """Call first in a tool, before its slow imports (torch): until `command_line` runs `main`, Ctrl-C ends the
+    process at once with the line `interrupted` (a KeyboardInterrupt would print a traceback), and so does an
+    OSError the imports raise, which is the machine's, not a bug (torch finds no writable temporary folder
+    under a file-size limit or a read-only /tmp)."""
+    signal.signal(signal.SIGINT, lambda signum, frame: exit_with(interrupted, INTERRUPTED))
+    sys.excepthook = _failed_to_start
+
+
+def _failed_to_start(exc_type: type, error: BaseException, tb) -> None:
+    if issubclass(exc_type, OSError):
+        print(error_line(f"cannot start: {message(error)}"), file=sys.stderr, flush=True)
+        return
+    sys.__excepthook__(exc_type, error, tb)
 
 
 def lost_a_peer(error: BaseException) -> bool:

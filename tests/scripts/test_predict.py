@@ -179,6 +179,19 @@ def test_dataset_class_names_offline(tmp_path, capsys, monkeypatch):
     assert err[0].startswith('test.py: error: cifar100 is not in ') and 'cifar-100-python' in err[0]
 
 
+def test_dataset_names_for_a_checkpoint_that_carries_other_names_are_refused(trained, tmp_path, capsys):
+    """A train.py checkpoint labels with its own class names; --dataset naming other classes is refused, not
+    ignored, and --dataset naming the same ones is accepted."""
+    image = tmp_path / 'digit.png'
+    Image.fromarray(digit_image(3)).save(image)
+    status, out, err = run_cli(capsys, '--ckpt', trained, '--image', image, '--dataset', 'cifar10')
+    assert status == 1 and out == [] and err == [
+        f"test.py: error: --dataset cifar10: {trained} is a train.py checkpoint, which carries its own class names "
+        "(0, 1, 2, ...); expected no --dataset"]
+    status, out, err = run_cli(capsys, '--ckpt', trained, '--image', image, '--dataset', 'digits', '--json')
+    assert status == 0 and err == [] and json.loads(out[0])['label'] in [str(digit) for digit in range(10)]
+
+
 def test_routing_plot_written_for_an_image_and_for_each_image_of_a_folder(trained, tmp_path, capsys):
     for index in (4, 6):
         Image.fromarray(digit_image(index)).save(tmp_path / f'digit_{index}.png')

@@ -698,3 +698,18 @@ def test_ctrl_c_while_train_py_imports_torch_ends_with_one_line(tmp_path):
     assert last_error_line(stderr) == ('train.py: error: interrupted before the first training step; this run wrote no '
                                        'checkpoint')
     assert not (tmp_path / 'early').exists()  # stopped before it made its run folder
+
+
+@pytest.mark.parametrize('tool', ['train.py', 'eval.py', 'test.py', 'scripts/plot_curves.py', 'scripts/plot_routing.py',
+                                  'scripts/make_pics.py', 'scripts/make_shards.py', 'benchmarks/bench.py',
+                                  'benchmarks/loader.py'])
+def test_a_machine_that_cannot_write_files_stops_each_tool_in_its_imports_with_one_line(tool):
+    """Under a file-size limit of 0 (`ulimit -f 0`) torch's import finds no usable temporary folder and raises an
+    OSError: the machine's problem, said in one line, not a traceback."""
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # noqa: E731
+    env = {key: value for key, value in ONE_THREAD.items() if key != 'TORCHINDUCTOR_CACHE_DIR'}  # torch set it here
+    failed = subprocess.run([sys.executable, tool, '--help'], cwd=ROOT, env=env, preexec_fn=limit,
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and failed.stdout == ''
+    assert last_error_line(failed.stderr).startswith(f"{Path(tool).name}: error: cannot start: [Errno 2] No usable "
+                                                     "temporary directory found")
