@@ -63,6 +63,8 @@ def load(path: str | Path, required: tuple[str, ...] = ('state_dict',)) -> dict:
     missing = [key for key in required if key not in checkpoint]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: expected a last.ckpt written by train.py")
+    if 'config' in required:
+        check_config(path, checkpoint)
     if 'step' in required:  # a run continues from it: hand-edited values would train on, or fail mid-run
         step = checkpoint['step']
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -72,6 +74,13 @@ def load(path: str | Path, required: tuple[str, ...] = ('state_dict',)) -> dict:
                              "expected the dict of tensors train.py writes")
         check_weights(path, checkpoint['state_dict'])  # the one rule for weights: finite floating point
     return checkpoint
+
+
+def check_config(path: str | Path, checkpoint: dict) -> None:
+    """A train.py checkpoint's 'config' is the dict train.py writes; a hand-edited one is named in one line."""
+    if not isinstance(checkpoint.get('config'), dict):
+        raise ValueError(f"{path}: its 'config' is a {type(checkpoint.get('config')).__name__}; "
+                         "expected the dict train.py writes")
 
 
 def rng_state() -> dict:

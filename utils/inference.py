@@ -15,6 +15,7 @@ from model import pretrained
 from model.config import get_config, with_added_fields
 from model.modeling import VisionTransformer
 from model.attention import as_grid
+from utils.checkpoint import check_config
 from utils.errors import one_line
 
 # The types a hand-edited file gets wrong that the model builder would trip over with a traceback.
@@ -28,9 +29,7 @@ def check_checkpoint_fields(weights: pretrained.Pretrained) -> None:
     checkpoint, path = weights.checkpoint, weights.path
     if weights.layout != 'train.py':
         return
-    if not isinstance(checkpoint.get('config'), dict):
-        raise ValueError(f"{path}: its 'config' is a {type(checkpoint.get('config')).__name__}; "
-                         "expected the dict train.py writes")
+    check_config(path, checkpoint)
     for key in ('img_size', 'num_classes'):
         value = checkpoint.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

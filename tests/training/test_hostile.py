@@ -546,6 +546,7 @@ def test_flags_for_checkpoints_without_a_config_are_refused_for_one_with_its_own
     (lambda c: c['state_dict'].__setitem__('head.weight', c['state_dict']['head.weight'].long()),
      'head.weight holds int64 values; expected floating-point weights'),
     (lambda c: c.__setitem__('state_dict', None), "its 'state_dict' is a NoneType"),
+    (lambda c: c.__setitem__('config', 'hello'), "its 'config' is a str; expected the dict train.py writes"),
 ])
 def test_a_hand_edited_checkpoint_to_resume_from_is_one_line_before_training(tiny_checkpoint, tmp_path, edit,
                                                                              message):
