@@ -158,8 +158,13 @@ def starting(interrupted: str = 'interrupted') -> None:
     process at once with the line `interrupted` (a KeyboardInterrupt would print a traceback), and so does an
     OSError the imports raise, which is the machine's, not a bug (torch finds no writable temporary folder
     under a file-size limit or a read-only /tmp)."""
-    signal.signal(signal.SIGINT, lambda signum, frame: exit_with(interrupted, INTERRUPTED))
+    global _starting_handler
+    _starting_handler = lambda signum, frame: exit_with(interrupted, INTERRUPTED)  # noqa: E731
+    signal.signal(signal.SIGINT, _starting_handler)
     sys.excepthook = _failed_to_start
+
+
+_starting_handler = None  # `starting`'s SIGINT handler, which `command_line` takes back
 
 
 def _failed_to_start(exc_type: type, error: BaseException, tb) -> None:
@@ -210,6 +215,8 @@ def command_line(main: Callable[[list[str] | None], object], tool: str, argv: li
     Anything else is a bug and keeps its traceback.
     """
     sys.excepthook = _quiet_fd_sharing
+    if _starting_handler is not None and signal.getsignal(signal.SIGINT) is _starting_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is `interrupted`, below
     try:
         result = main(argv)
     except RunError as error:
