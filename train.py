@@ -567,19 +567,18 @@ def main(argv: list[str] | None = None) -> dict:
                     progress.write(evaluation_line(state, evaluation, averaged))
                 state.seconds = time.time() - started
                 saver.save(checkpoint, state.step, improved)
+        state.seconds = time.time() - started
+        results = results_of(args, model, state, device)
+        if main_process:
+            writer.close()
+            write_results(results, out_dir, saver)
+            run_folder.release()
     except FloatingPointError as error:
         raise FloatingPointError(f"{error}; {saver.where_to_continue()}") from None
     except KeyboardInterrupt:  # the process is stopping: later SIGINTs stay ignored
         raise saver.interrupted(state.step) from None
     if own_signals:
         signal.signal(signal.SIGINT, sigint)
-
-    state.seconds = time.time() - started
-    results = results_of(args, model, state, device)
-    if main_process:
-        writer.close()
-        write_results(results, out_dir, saver)
-        run_folder.release()
     del trained  # before its process group: torch 2.11 with gloo hung at exit in most 4-process runs
     dist_util.cleanup()
     return results

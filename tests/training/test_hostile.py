@@ -714,3 +714,17 @@ def test_a_machine_that_cannot_write_files_stops_each_tool_in_its_imports_with_o
     assert failed.returncode == 1 and failed.stdout == ''
     assert last_error_line(failed.stderr).startswith(f"{Path(tool).name}: error: cannot start: [Errno 2] No usable "
                                                      "temporary directory found")
+
+
+def test_ctrl_c_after_the_last_step_names_the_last_checkpoint(tmp_path, monkeypatch):
+    """A Ctrl-C while the finished run writes its summary said "interrupted before the first training step; this run
+    wrote no checkpoint": it is the run's interrupt, naming the checkpoint that holds every step."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'results_of', interrupted)
+    with pytest.raises(RunError) as stopped:
+        train.main(tiny_args(tmp_path, 'finished', steps=3))
+    last = tmp_path / 'finished' / 'last.ckpt'
+    assert stopped.value.code == 130 and str(stopped.value) == (
+        f'interrupted at step 3; {last} holds the last good state (step 3): continue with --resume_path')
+    assert torch.load(last, weights_only=True)['step'] == 3
