@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Callable, NoReturn
@@ -150,7 +151,17 @@ def _exit_quietly(code: int) -> NoReturn:
     """Exit; what the failure left half-built is torn down without a word: a DataLoader iterator that Ctrl-C
     interrupted in its constructor would print an "Exception ignored" traceback."""
     sys.unraisablehook = lambda unraisable: None
+    _ignore_late_interrupts()
     sys.exit(code)
+
+
+def _ignore_late_interrupts() -> None:
+    """A tool that has ended (its result or its line said) ignores Ctrl-C while Python exits: the second or so of
+    tearing down torch and loader workers, where a Python handler would print a traceback, and where Python, late
+    in its exit, restores the default action, which killed the process without a word. In-process callers of
+    `command_line` (tests) never ran `starting` and keep their handler."""
+    if _starting_handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def starting(interrupted: str = 'interrupted') -> None:
@@ -229,4 +240,5 @@ def command_line(main: Callable[[list[str] | None], object], tool: str, argv: li
         if not isinstance(error, expected):
             raise
         exit_with(message(error), tool=tool)
+    _ignore_late_interrupts()
     sys.exit(result if isinstance(result, int) else 0)

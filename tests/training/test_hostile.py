@@ -728,3 +728,23 @@ def test_ctrl_c_after_the_last_step_names_the_last_checkpoint(tmp_path, monkeypa
     assert stopped.value.code == 130 and str(stopped.value) == (
         f'interrupted at step 3; {last} holds the last good state (step 3): continue with --resume_path')
     assert torch.load(last, weights_only=True)['step'] == 3
+
+
+def test_ctrl_c_while_a_finished_tool_exits_is_ignored():
+    """The second or so a tool spends exiting (torch's and the loader workers' teardown, here a slow exit handler)
+    comes after its result: a Ctrl-C there printed a KeyboardInterrupt traceback, or, late in Python's exit, killed
+    the process without a word (status -2). It is ignored: the tool ends with its own status."""
+    script = ("import atexit, sys, time\n"
+              f"sys.path.insert(0, {str(ROOT)!r})\n"
+              "from utils.errors import command_line, starting\n"
+              "starting()\n"
+              "def main(argv):\n"
+              "    atexit.register(time.sleep, 3)\n"
+              "    print('done', flush=True)\n"
+              "command_line(main, 'late.py')\n")
+    run = subprocess.Popen([sys.executable, '-c', script], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert run.stdout.readline() == 'done\n'
+    time.sleep(1)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0 and out == '' and err == ''
