@@ -16,7 +16,7 @@ import sys
 
 if __name__ == '__main__':  # a Ctrl-C or the machine's OSError during the slow imports below: one line too
     from utils.errors import starting
-    starting()
+    starting('interrupted (Ctrl-C): nothing was written')
 
 import argparse  # noqa: E402 (the handler above comes first)
 import json  # noqa: E402
