@@ -28,13 +28,12 @@ import time
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Iterable
 
 import ml_collections
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -47,7 +46,7 @@ from utils import dist_util, recipes, tool
 from utils.augment import build_mixup, check_mixup_batch, train_loss, train_transform
 from utils.checkpoint import CheckpointSaver
 from utils.data_utils import (DATASETS, Augmented, DeviceBatches, ShardedSampler, check_same_classes,
-                              collate_skipping_none, evaluation_set, load_split)
+                              EvaluationSet, collate_skipping_none, evaluation_set, load_split)
 from utils.images import UnreadableImage, eval_pixels, preprocess_of
 from utils.shards import ShardImages, TrainingShards
 from utils.engine import (OPT_LEVELS, Evaluation, Optimization, Precision, RunState, TrainingData, TrainStats,
@@ -413,7 +412,7 @@ def build_optimization(args: argparse.Namespace, model: VisionTransformer, devic
                                  args.max_grad_norm, tau, train_loss(mix is not None, args.smoothing), mix, ema)
 
 
-def build_datasets(args: argparse.Namespace) -> tuple[Augmented | TrainingShards, tuple[Dataset, Iterable | None]]:
+def build_datasets(args: argparse.Namespace) -> tuple[Augmented | TrainingShards, EvaluationSet]:
     """The training set (folders, downloads or --shards) and this process's part of the validation set with its
     sampler (`evaluation_set`: every image counted once), with the same classes."""
     preprocess = preprocess_of(args.model_type)
@@ -433,7 +432,7 @@ def build_datasets(args: argparse.Namespace) -> tuple[Augmented | TrainingShards
     return train_set, evaluation_set(val_images, eval_pixels(args.img_size, preprocess), rank, world)
 
 
-def build_loaders(args: argparse.Namespace, train_set: Augmented | TrainingShards, validation: tuple[Dataset, Iterable | None],
+def build_loaders(args: argparse.Namespace, train_set: Augmented | TrainingShards, validation: EvaluationSet,
                   micro_batch: int, device: torch.device) -> tuple[TrainingData, DataLoader]:
     """The training order is a function of (seed, epoch), resumable mid-epoch; validation is split into disjoint
     parts, so every image is counted exactly once."""

@@ -1,6 +1,6 @@
 """Input-pipeline benchmark: images/s per loader process, the float32 pipeline and the uint8 one side by side.
 
-    python benchmarks/loader.py                                   # about a minute: in process (CPU time), 1, 2 and all-core workers
+    python benchmarks/loader.py              # about a minute: in process (CPU time), 1, 2 and all-core workers
     python benchmarks/loader.py --num_workers 4,8,16 --images 2048 --device cuda   # on a GPU machine
     python benchmarks/loader.py scan --files 1281167              # the ImageFolder scan at ImageNet's size
 

@@ -185,7 +185,10 @@ def class_names(dataset: str, data_dir: str = './data') -> list[str]:
     return list(load_split(dataset, data_dir, train=False).classes)
 
 
-def evaluation_set(images: Dataset, transform: Callable, rank: int, world_size: int) -> tuple[Dataset, Iterable | None]:
+EvaluationSet = tuple[Dataset, Iterable | None]  # a split's dataset and this process's sampler (None: shards)
+
+
+def evaluation_set(images: Dataset, transform: Callable, rank: int, world_size: int) -> EvaluationSet:
     """A split's images (`load_split` or `ShardImages`) with the evaluation transform, and the sampler giving
     this process its disjoint part (None for shards, which split themselves), so every image counts once."""
     if isinstance(images, ShardImages):

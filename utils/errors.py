@@ -155,6 +155,9 @@ def _exit_quietly(code: int) -> NoReturn:
     sys.exit(code)
 
 
+_starting_handler = None  # `starting`'s SIGINT handler, which `command_line` takes back
+
+
 def _ignore_late_interrupts() -> None:
     """A tool that has ended (its result or its line said) ignores Ctrl-C while Python exits: the second or so of
     tearing down torch and loader workers, where a Python handler would print a traceback, and where Python, late
@@ -173,9 +176,6 @@ def starting(interrupted: str = 'interrupted') -> None:
     _starting_handler = lambda signum, frame: exit_with(interrupted, INTERRUPTED)  # noqa: E731
     signal.signal(signal.SIGINT, _starting_handler)
     sys.excepthook = _failed_to_start
-
-
-_starting_handler = None  # `starting`'s SIGINT handler, which `command_line` takes back
 
 
 def _failed_to_start(exc_type: type, error: BaseException, tb) -> None:
