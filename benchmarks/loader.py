@@ -8,9 +8,10 @@ Loader rows. The JPEGs are made from real photographs that ship with the install
 grace_hopper.jpg, scikit-learn's china.jpg and flower.jpg; smooth noise only if none is installed): random
 crops resized to ImageNet-like sizes (`imagenet_like_size`: mostly 500 px on the long side, 4:3, 3:2 or square,
 a tenth smaller and a tenth larger, up to 1600 px) and saved at quality 90. Each configuration reads them
-through a DataLoader as train.py does: `float32` is the pipeline before the uint8 one (torchvision's
-RandomResizedCrop, RandomHorizontalFlip, ToTensor and Normalize on PIL images; Resize, ToTensor and Normalize
-for evaluation), `uint8` is `utils.images`' `train_pixels` / `eval_pixels` with uint8 batches (on CUDA also
+through a DataLoader as train.py does: `float32` is the pipeline before the uint8 one (a decoded copy of each
+image converted to RGB, then torchvision's RandomResizedCrop, RandomHorizontalFlip, ToTensor and Normalize on PIL
+images; Resize, ToTensor and Normalize for evaluation), `float32, no copies` the same without its two copies of
+each decoded image, `uint8` is `utils.images`' `train_pixels` / `eval_pixels` with uint8 batches (on CUDA also
 moved and normalised on the device, `DeviceBatches`); `uint8 shards` reads the same JPEGs from tar shards
 (scripts/make_shards.py, `ShardImages`), `vs_folder_uint8` its rate over the folder reader's. Configurations run
 interleaved, round by round, and the table shows each one's best round (the least disturbed by other work on the
@@ -115,19 +116,30 @@ def write_photos(root: Path, count: int, seed: int = 0) -> tuple[float, str]:
     return total / count / 1024, names
 
 
-def float32_transform(img_size: int, train: bool) -> transforms.Compose:
-    """The float32 pipeline that the uint8 one replaces, as it was: torchvision on PIL images."""
+def as_before(image: Image.Image) -> Image.Image:
+    """Decoding as the pipeline before the uint8 one did it: a decoded copy (read_image) converted to RGB (to_rgb
+    called PIL's convert, which copies an RGB image too)."""
+    image = decode(image).copy()
+    return image.convert('RGB') if image.mode == 'RGB' else to_rgb(image)
+
+
+def float32_transform(img_size: int, train: bool, copies: bool = True) -> transforms.Compose:
+    """The float32 pipeline that the uint8 one replaces, as it was: torchvision on PIL images. `copies=False`
+    leaves out its two copies of each decoded image, which the uint8 pipeline also left out."""
     steps = ([transforms.RandomResizedCrop((img_size, img_size), scale=(0.05, 1.0)), transforms.RandomHorizontalFlip()]
              if train else [transforms.Resize((img_size, img_size))])
-    return transforms.Compose([transforms.Lambda(lambda image: to_rgb(decode(image))), *steps, transforms.ToTensor(),
+    to_pil = as_before if copies else lambda image: to_rgb(decode(image))
+    return transforms.Compose([transforms.Lambda(to_pil), *steps, transforms.ToTensor(),
                                transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))])
 
 
 def pipelines(img_size: int) -> dict[tuple[str, str], object]:
     preprocess = Preprocess()
     return {('train', 'float32'): float32_transform(img_size, train=True),
+            ('train', 'float32, no copies'): float32_transform(img_size, train=True, copies=False),
             ('train', 'uint8'): train_pixels(img_size, 'flip', preprocess),
             ('eval', 'float32'): float32_transform(img_size, train=False),
+            ('eval', 'float32, no copies'): float32_transform(img_size, train=False, copies=False),
             ('eval', 'uint8'): eval_pixels(img_size, preprocess)}
 
 
@@ -191,7 +203,9 @@ def loader_table(args: argparse.Namespace) -> list[dict]:
         source = load_split('imagenet', tmp, train=True)
         with contextlib.redirect_stdout(io.StringIO()):  # its line per shard
             make_shards.main(['--data_dir', tmp, '--split', 'train', '--out', str(Path(tmp) / 'shards'),
-                              '--shard_size', str(max(1, args.images // 16))])
+                              '--shard_size', str(max(1, args.images // 16)), '--seed', '0'])
+        # The folder's sample i is the shards' sample i, so both readers draw the same crop of each image.
+        source.samples = make_shards.shuffled(source.samples, seed=0)
         shards = str(Path(tmp) / 'shards' / 'train-*.tar')
         transforms_ = pipelines(args.img_size)
         transforms_['train', 'uint8 shards'] = transforms_['train', 'uint8']

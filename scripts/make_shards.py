@@ -72,14 +72,18 @@ def existing_meta(path: Path) -> dict | None:
         return None
 
 
+def shuffled(samples: list, seed: int) -> list:
+    """The samples in their order over the shards: shuffled once by `seed`, so that shards mix the classes."""
+    return [samples[i] for i in np.random.default_rng(seed).permutation(len(samples))]
+
+
 def make_shards(args: argparse.Namespace) -> list[Path]:
     """Write (or finish writing) the shards; their paths."""
     root = Path(args.data_dir) / args.split
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; expected --data_dir holding {args.split}/<class>/<images>")
     folders, samples = scan_image_folder(root)
-    order = np.random.default_rng(args.seed).permutation(len(samples))
-    relative = [(os.path.relpath(samples[i][0], root), samples[i][1]) for i in order]
+    relative = [(os.path.relpath(path, root), label) for path, label in shuffled(samples, args.seed)]
     digest = hashlib.sha256(json.dumps([relative, args.shard_size]).encode()).hexdigest()
     shards = -(-len(samples) // args.shard_size)
     plan = {'split': args.split, 'classes': imagenet_names(folders), 'folders': folders, 'total': len(samples),

@@ -1,12 +1,13 @@
 """Tar shards from scripts/make_shards.py, streamed with webdataset: their metadata, and `ShardImages`.
 """
+import contextlib
 import glob
 import io
 import itertools
 import json
 import logging
 import tarfile
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -34,21 +35,72 @@ class ShardError(UnreadableImage):
     """A shard that cannot be read; the message names it."""
 
 
-def read_shard_meta(url: str) -> dict:
-    """The metadata member that starts every shard scripts/make_shards.py writes, or a one-line ShardError."""
-    from webdataset import gopen
+TAR_BLOCK = 512
+READ_BUFFER = 1 << 20  # bytes per read of a shard's stream
+
+
+def tar_members(stream: BinaryIO, url: str) -> Iterator[dict]:
+    """The members of an uncompressed ustar stream, the format scripts/make_shards.py writes, as webdataset's
+    sample parts ({'fname', 'data', '__url__'}, which `group_by_keys` groups).
+
+    It reads the 512-byte headers itself: webdataset's own iterator goes through Python's tarfile, about
+    130 us an image here, which made shards slower than the folder reader (docs/data.md). A short header or
+    member, a header whose checksum is wrong and any member that is not a regular file raise tarfile.ReadError.
+    """
+    while True:
+        header = stream.read(TAR_BLOCK)
+        if not header or header == bytes(TAR_BLOCK):  # the stream's end, or the archive's end-of-archive blocks
+            return
+        if len(header) < TAR_BLOCK:
+            raise tarfile.ReadError('unexpected end of data')
+        try:
+            checksum, size = (int(header[at:at + 12].split(b'\0', 1)[0].strip() or b'0', 8)
+                              for at in (148, 124))
+        except ValueError:
+            raise tarfile.ReadError('invalid header') from None
+        if checksum != 256 + sum(header[:148]) + sum(header[156:]):  # the field counts as 8 spaces
+            raise tarfile.ReadError('bad checksum')
+        name = header[:100].split(b'\0', 1)[0].decode('utf-8', 'replace')
+        prefix = header[345:500].split(b'\0', 1)[0] if header[257:262] == b'ustar' else b''
+        if prefix:
+            name = f"{prefix.decode('utf-8', 'replace')}/{name}"
+        if header[156:157] not in (b'0', b'\0'):
+            raise tarfile.ReadError(f"member {name} is of tar type {header[156:157]!r}: expected a regular file")
+        data = stream.read(size)
+        if len(data) < size or len(stream.read(-size % TAR_BLOCK)) < -size % TAR_BLOCK:
+            raise tarfile.ReadError('unexpected end of data')
+        yield {'fname': name, 'data': data, '__url__': url}
+
+
+@contextlib.contextmanager
+def open_shard(url: str) -> Iterator[tuple[dict, Iterator[dict]]]:
+    """A shard's metadata (its first member), checked, and an iterator over its other members (`tar_members`),
+    from one stream that webdataset's `gopen` opens (a path, or any URL it reads). ShardError names the shard."""
+    from webdataset.gopen import gopen
     try:
-        with gopen(url) as stream, tarfile.open(fileobj=stream, mode='r|') as tar:
-            member = next(iter(tar), None)
-            if member is None or member.name != SHARD_META:
+        stream = gopen(url, bufsize=READ_BUFFER)
+    except OSError as error:
+        raise ShardError(f"cannot read shard {url}: {one_line(error)}") from None
+    with stream:
+        members = tar_members(stream, url)
+        try:
+            first = next(members, None)
+            if first is None or first['fname'] != SHARD_META:
                 raise ShardError(f"shard {url} does not start with {SHARD_META}: expected a shard written by "
                                  "scripts/make_shards.py")
-            meta = json.loads(tar.extractfile(member).read())
-    except (OSError, tarfile.TarError, ValueError) as error:
-        raise ShardError(f"cannot read shard {url}: {one_line(error)}") from None
-    if meta.get('format') != SHARD_FORMAT:
-        raise ShardError(f"shard {url} has format {meta.get('format')!r}: expected {SHARD_FORMAT!r}")
-    return meta
+            meta = json.loads(first['data'])
+        except (OSError, tarfile.TarError, ValueError) as error:
+            raise ShardError(f"cannot read shard {url}: {one_line(error)}") from None
+        if not isinstance(meta, dict) or meta.get('format') != SHARD_FORMAT:
+            found = meta.get('format') if isinstance(meta, dict) else meta
+            raise ShardError(f"shard {url} has format {found!r}: expected {SHARD_FORMAT!r}")
+        yield meta, members
+
+
+def read_shard_meta(url: str) -> dict:
+    """The metadata member that starts every shard scripts/make_shards.py writes, or a one-line ShardError."""
+    with open_shard(url) as (meta, _):
+        return meta
 
 
 class ShardImages(torch.utils.data.IterableDataset):
@@ -83,26 +135,27 @@ class ShardImages(torch.utils.data.IterableDataset):
     def _samples(self, shard: int) -> Iterator[tuple[int, dict | None]]:
         """(index, {extension: bytes}) of shard `shard`'s images, in order, checked against its metadata; the
         bytes are None for an image lost to a damaged shard (`skip_corrupt`)."""
-        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+        from webdataset.tariterators import group_by_keys
         url = self.urls[shard]
-        meta = read_shard_meta(url)
-        if meta.get('shard') != shard or meta.get('plan') != self.plan:
-            raise ShardError(f"shard {url} is shard {meta.get('shard')} of plan {str(meta.get('plan'))[:12]}: "
-                             f"expected shard {shard} of plan {str(self.plan)[:12]} (the pattern's shards, in order)")
-        first, count = meta['first'], meta['images']
-        seen = 0
-        try:
-            for sample in group_by_keys(tar_file_expander(url_opener([{'url': url}]))):
-                index = first + seen
-                if sample['__key__'] != f'{index:09d}':
-                    raise ShardError(f"shard {url}: sample {sample['__key__']!r} where {index:09d} was expected")
-                seen += 1
-                yield index, sample
-        except (OSError, EOFError, ValueError, tarfile.TarError) as error:  # a damaged tar
-            reason = str(error.args[0]).split(' @ ')[0] if error.args else type(error).__name__  # webdataset adds where
-            self._lost(url, first + seen, first + count, one_line(reason))
-            yield from ((i, None) for i in range(first + seen, first + count))
-            return
+        with open_shard(url) as (meta, members):
+            if meta.get('shard') != shard or meta.get('plan') != self.plan:
+                raise ShardError(f"shard {url} is shard {meta.get('shard')} of plan {str(meta.get('plan'))[:12]}: "
+                                 f"expected shard {shard} of plan {str(self.plan)[:12]} (the pattern's shards, in "
+                                 "order)")
+            first, count = meta['first'], meta['images']
+            seen = 0
+            try:
+                for sample in group_by_keys(members):
+                    index = first + seen
+                    if sample['__key__'] != f'{index:09d}':
+                        raise ShardError(f"shard {url}: sample {sample['__key__']!r} where {index:09d} was expected")
+                    seen += 1
+                    yield index, sample
+            except (OSError, EOFError, ValueError, tarfile.TarError) as error:  # a damaged tar
+                reason = str(error.args[0]).split(' @ ')[0] if error.args else type(error).__name__
+                self._lost(url, first + seen, first + count, one_line(reason))
+                yield from ((i, None) for i in range(first + seen, first + count))
+                return
         if seen != count:
             self._lost(url, first + seen, first + count, f"it holds {seen} of its {count} images")
             yield from ((i, None) for i in range(first + seen, first + count))

@@ -155,6 +155,41 @@ def test_damaged_shards_are_named_in_one_line_or_skipped(tmp_path):
         ShardImages(str(tmp_path / 'none-*.tar'), eval_pixels(8))
 
 
+def test_tar_members_reads_what_tarfile_reads_and_refuses_damaged_headers(tmp_path):
+    from utils.shards import tar_members
+    rng = np.random.default_rng(0)
+    files = [('a' * 60 + '/' + 'b' * 70 + '.jpg', rng.bytes(1000)), ('x.cls', b'3'), ('empty.txt', b''),
+             ('block.bin', rng.bytes(1024))]  # a name only ustar's prefix field holds; sizes 0 and whole blocks
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode='w', format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    whole = buffer.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    assert [(m['fname'], m['data']) for m in tar_members(io.BytesIO(whole), 'u')] == expected == files
+
+    def members(data: bytes) -> list[str]:
+        return [m['fname'] for m in tar_members(io.BytesIO(data), 'u')]
+    second = 512 + 1024  # the second member's header
+    for damaged, error in [(whole[:second + 100], 'unexpected end of data'),  # in a header
+                           (whole[:second + 512 + 1], 'unexpected end of data'),  # in a member's data
+                           (whole[:second] + b'y' + whole[second + 1:], 'bad checksum'),
+                           (whole[:second + 148] + b'zzzzzzzz' + whole[second + 156:], 'invalid header')]:
+        with pytest.raises(tarfile.ReadError, match=error):
+            members(damaged)
+    assert members(whole[:second]) == [files[0][0]]  # cut between members: the count against the metadata tells
+    folder = tarfile.TarInfo('folder')
+    folder.type = tarfile.DIRTYPE
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode='w', format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(folder)
+    with pytest.raises(tarfile.ReadError, match=r"member folder/ is of tar type b'5': expected a regular file"):
+        members(buffer.getvalue())
+
+
 def test_eval_py_on_shards_counts_each_image_once_as_on_the_folder(tmp_path):
     import importlib.util
     from model.config import get_config, parse_orders
