@@ -307,14 +307,14 @@ def one_training_epoch(rank: int, world: int, port: int, argv: list[str], out: P
     dist_util.cleanup()
 
 
-def test_train_py_epoch_over_shards_sees_each_image_once_on_one_and_two_processes(tmp_path):
+def test_train_py_epoch_over_shards_sees_each_image_once_on_one_two_and_four_processes(tmp_path):
     root = digits_tree(tmp_path / 'data')
     shard(root, tmp_path / 'shards')
     images = folder_keys(root)
     pattern = str(tmp_path / 'shards' / 'train-*.tar')
     argv = tiny_args(tmp_path, 'epoch', '--dataset', 'imagenet', '--shards', pattern, '--val_shards', pattern,
                      '--img_size', '8', '--augment', 'none', '--num_workers', '1', batch=8)  # 40 = 5 steps of 8
-    for world in (1, 2):
+    for world in (1, 2, 4):  # gloo processes
         out = tmp_path / f'world{world}'
         out.mkdir()
         if world == 1:
