@@ -13,10 +13,13 @@ image converted to RGB, then torchvision's RandomResizedCrop, RandomHorizontalFl
 images; Resize, ToTensor and Normalize for evaluation), `float32, no copies` the same without its two copies of
 each decoded image, `uint8` is `utils.images`' `train_pixels` / `eval_pixels` with uint8 batches (on CUDA also
 moved and normalised on the device, `DeviceBatches`); `uint8 shards` reads the same JPEGs from tar shards
-(scripts/make_shards.py, `ShardImages`), `vs_folder_uint8` its rate over the folder reader's. Configurations run
-interleaved, round by round, and the table shows each one's best round (the least disturbed by other work on the
-machine); images/s per worker is the loader's images/s divided by its workers. `--device cuda` adds GPU decoding
-(torchvision.io.decode_jpeg on CUDA) as a row.
+(scripts/make_shards.py, `ShardImages`), `vs_folder_uint8` its rate over the folder reader's; the folder reader
+lists the images in the shards' order, so both draw the same crop of each image. `--num_workers 0` loads in this
+process: every configuration's loader gives one batch in turn, each timed by this process's CPU time, over
+`--rounds` x `--passes` epochs, so all of them share every stretch of a shared machine's load. With workers,
+configurations run interleaved, round by round, and the table shows each one's best round (the least disturbed
+by other work on the machine); images/s per worker is the loader's images/s divided by its workers.
+`--device cuda` adds GPU decoding (torchvision.io.decode_jpeg on CUDA) as a row.
 
 Scan rows. `scan` builds a tree of empty files (1000 class folders) on a tmpfs (/dev/shm, else the temporary
 folder), then times `scan_image_folder` cold (no cached list) and with the cached list it writes.
@@ -143,31 +146,58 @@ def pipelines(img_size: int) -> dict[tuple[str, str], object]:
             ('eval', 'uint8'): eval_pixels(img_size, preprocess)}
 
 
-def loader_rate(source, transform, img_size: int, workers: int, batch: int, device: torch.device,
-                passes: int) -> float:
-    """Images/s through a DataLoader over `passes` epochs, timed from its first batch (worker start-up excluded).
-    `source` is an ImageFolder split, or the pattern of its shards. With no workers (and on the CPU) the loading
-    runs in this process and is timed by its CPU time: images per CPU second of one loader process, which other
-    work on a shared machine does not change as it changes wall-clock rates."""
-    clock = time.process_time if workers == 0 and device.type == 'cpu' else time.perf_counter
+def make_loader(source, transform, img_size: int, workers: int, batch: int, device: torch.device) -> DataLoader:
+    """A DataLoader as train.py builds one over `source`: an ImageFolder split, or the pattern of its shards."""
     if isinstance(source, str):
         dataset, shuffle = ShardImages(source, transform), False
     else:
         dataset, shuffle = Augmented(source, transform, seed=0), True
-    loader = DataLoader(dataset, batch_size=batch, shuffle=shuffle, num_workers=workers, drop_last=True,
-                        collate_fn=functools.partial(collate_skipping_none, image_shape=(3, img_size, img_size)),
-                        pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
+    return DataLoader(dataset, batch_size=batch, shuffle=shuffle, num_workers=workers, drop_last=True,
+                      collate_fn=functools.partial(collate_skipping_none, image_shape=(3, img_size, img_size)),
+                      pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
+
+
+def loader_rate(source, transform, img_size: int, workers: int, batch: int, device: torch.device,
+                passes: int) -> float:
+    """Images/s through a DataLoader with `workers` loader processes over `passes` epochs, timed from its first
+    batch (worker start-up excluded)."""
+    loader = make_loader(source, transform, img_size, workers, batch, device)
     batches = DeviceBatches(loader, device) if device.type == 'cuda' else loader
     images, start = 0, None
     for epoch in range(passes):
         for pictures, _, _ in batches:
             if start is None:
-                start = clock()
+                start = time.perf_counter()
                 continue
             images += len(pictures)
     if device.type == 'cuda':
         torch.cuda.synchronize()
-    return images / (clock() - start)
+    return images / (time.perf_counter() - start)
+
+
+def in_process_rates(loaders: dict, passes: int) -> dict:
+    """Images per CPU second of each loader (no workers: it loads in this process), their batches taken in turn,
+    one from each loader, each timed by this process's CPU time. The loaders share every stretch of the run, so a
+    slower or faster spell of a shared machine changes them alike; each loader's first batch is left out."""
+    seconds, images = dict.fromkeys(loaders, 0.0), dict.fromkeys(loaders, 0)
+
+    def timed(key, loader: DataLoader, skip_first: bool):
+        iterator = iter(loader)
+        while True:
+            start = time.process_time()
+            batch = next(iterator, None)
+            if batch is None:
+                return
+            if not skip_first:
+                seconds[key] += time.process_time() - start
+                images[key] += len(batch[0])
+            skip_first = False
+            yield
+
+    for epoch in range(passes):
+        for _ in zip(*(timed(key, loader, epoch == 0) for key, loader in loaders.items())):
+            pass
+    return {key: images[key] / seconds[key] for key in loaders}
 
 
 def gpu_decode_rate(root: Path, img_size: int, batch: int, passes: int) -> float:
@@ -210,14 +240,23 @@ def loader_table(args: argparse.Namespace) -> list[dict]:
         transforms_ = pipelines(args.img_size)
         transforms_['train', 'uint8 shards'] = transforms_['train', 'uint8']
         transforms_['eval', 'uint8 shards'] = transforms_['eval', 'uint8']
-        configs = [(split, kind, workers) for workers in args.num_workers for split, kind in transforms_]
+        source_of = {kind: shards if kind.endswith('shards') else source for _, kind in transforms_}
         best: dict[tuple, float] = {}
-        for round_ in range(args.rounds):
+        if 0 in args.num_workers and device.type == 'cpu':  # in this process, batches interleaved
+            loaders = {(split, kind, 0): make_loader(source_of[kind], transform, args.img_size, 0, args.batch_size,
+                                                     device) for (split, kind), transform in transforms_.items()}
+            for key, rate in in_process_rates(loaders, args.rounds * args.passes).items():
+                best[key] = rate
+            print("in-process rows done", flush=True)
+        pooled = [workers for workers in args.num_workers if workers or device.type != 'cpu']
+        configs = [(split, kind, workers) for workers in pooled for split, kind in transforms_]
+        for round_ in range(args.rounds if configs else 0):
             for split, kind, workers in configs:
-                rate = loader_rate(shards if kind.endswith('shards') else source, transforms_[split, kind],
-                                   args.img_size, workers, args.batch_size, device, args.passes)
+                rate = loader_rate(source_of[kind], transforms_[split, kind], args.img_size, workers,
+                                   args.batch_size, device, args.passes)
                 best[split, kind, workers] = max(rate, best.get((split, kind, workers), 0.0))
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+        configs = [(split, kind, workers) for workers in args.num_workers for split, kind in transforms_]
         rows = []
         for split, kind, workers in configs:
             rate = best[split, kind, workers]
