@@ -47,7 +47,7 @@ from utils.augment import build_mixup, check_mixup_batch, train_loss, train_tran
 from utils.checkpoint import CheckpointSaver
 from utils.data_utils import (DATASETS, Augmented, DeviceBatches, ShardedSampler, check_same_classes,
                               EvaluationSet, collate_skipping_none, evaluation_set, load_split)
-from utils.images import UnreadableImage, eval_pixels, preprocess_of
+from utils.images import Preprocess, UnreadableImage, eval_pixels, preprocess_of
 from utils.shards import ShardImages, TrainingShards
 from utils.engine import (OPT_LEVELS, Evaluation, Optimization, Precision, RunState, TrainingData, TrainStats,
                           evaluate, peak_memory_mib, train_until)
@@ -412,10 +412,11 @@ def build_optimization(args: argparse.Namespace, model: VisionTransformer, devic
                                  args.max_grad_norm, tau, train_loss(mix is not None, args.smoothing), mix, ema)
 
 
-def build_datasets(args: argparse.Namespace) -> tuple[Augmented | TrainingShards, EvaluationSet]:
+def build_datasets(args: argparse.Namespace, preprocess: Preprocess) -> tuple[Augmented | TrainingShards,
+                                                                             EvaluationSet]:
     """The training set (folders, downloads or --shards) and this process's part of the validation set with its
-    sampler (`evaluation_set`: every image counted once), with the same classes."""
-    preprocess = preprocess_of(args.model_type)
+    sampler (`evaluation_set`: every image counted once), with the same classes; uint8 pixels (`preprocess`
+    resamples them)."""
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     transform = train_transform(args.img_size, args.augment, args.aa, args.reprob, preprocess)
     if args.shards:
@@ -433,9 +434,9 @@ def build_datasets(args: argparse.Namespace) -> tuple[Augmented | TrainingShards
 
 
 def build_loaders(args: argparse.Namespace, train_set: Augmented | TrainingShards, validation: EvaluationSet,
-                  micro_batch: int, device: torch.device) -> tuple[TrainingData, DataLoader]:
+                  micro_batch: int, device: torch.device, preprocess: Preprocess) -> tuple[TrainingData, DataLoader]:
     """The training order is a function of (seed, epoch), resumable mid-epoch; validation is split into disjoint
-    parts, so every image is counted exactly once."""
+    parts, so every image is counted exactly once. Batches are normalised on the device (`preprocess`)."""
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     collate = partial(collate_skipping_none, image_shape=(3, args.img_size, args.img_size))
     options = dict(num_workers=args.num_workers, collate_fn=collate, pin_memory=device.type == 'cuda',
@@ -447,8 +448,6 @@ def build_loaders(args: argparse.Namespace, train_set: Augmented | TrainingShard
         train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True, **options)
     val_set, val_sampler = validation
     val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, sampler=val_sampler, **options)
-    # uint8 batches, normalised on the device
-    preprocess = preprocess_of(args.model_type)
     train_loader, val_loader = (DeviceBatches(loader, device, preprocess) for loader in (train_loader, val_loader))
     return TrainingData(train_loader, args.train_batch_size // world), val_loader
 
@@ -537,13 +536,14 @@ def main(argv: list[str] | None = None) -> dict:
     pretrained = None if resume_path else read_pretrained(args)  # read before the data is scanned
     seed_everything(args.seed + rank)
 
-    train_set, validation = build_datasets(args)
+    preprocess = preprocess_of(args.model_type)
+    train_set, validation = build_datasets(args, preprocess)
     identity = {'model_type': args.model_type, 'img_size': args.img_size, 'num_classes': len(train_set.classes),
                 'config': config.to_dict()}
     resume = read_resume(resume_path, identity, args, main_process)
     model = build_model(args, config, len(train_set.classes), resume, pretrained, main_process)
     trained, optimization = build_optimization(args, model, device, world, micro_batch)
-    data, val_loader = build_loaders(args, train_set, validation, micro_batch, device)
+    data, val_loader = build_loaders(args, train_set, validation, micro_batch, device, preprocess)
     state = restore(resume, optimization, rank, world, main_process) if resume is not None else RunState()
     saver = CheckpointSaver(out_dir, main_process, resume_path, state.step)
     checkpoint = partial(checkpoint_state, model, optimization, state, identity, args, list(train_set.classes))

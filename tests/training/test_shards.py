@@ -301,8 +301,9 @@ def one_training_epoch(rank: int, world: int, port: int, argv: list[str], out: P
     from utils import dist_util
     device = dist_util.init_distributed('cpu')
     args = train.get_args(argv)
-    train_set, val_set = train.build_datasets(args)
-    data, _ = train.build_loaders(args, train_set, val_set, train.micro_batch_size(args, world), device)
+    preprocess = train.preprocess_of(args.model_type)
+    train_set, val_set = train.build_datasets(args, preprocess)
+    data, _ = train.build_loaders(args, train_set, val_set, train.micro_batch_size(args, world), device, preprocess)
     torch.save([(images, labels) for images, labels, _ in data.at(0, 0).loader], out / f'rank{rank}.pt')
     dist_util.cleanup()
 
