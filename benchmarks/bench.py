@@ -140,7 +140,8 @@ LOADER_IMAGE = (375, 500)
 def recipe_args(recipe: list[str], args) -> argparse.Namespace:
     """train.py's checked arguments for a recipe at the benchmark's model, image size and batch."""
     import train
-    precision = (['--fp16', '--amp_dtype', 'bf16'] if args.dtype == 'bf16' else []) + (['--compile'] if args.compile else [])
+    precision = ((['--fp16', '--amp_dtype', 'bf16'] if args.dtype == 'bf16' else [])
+                 + (['--compile'] if args.compile else []))
     return train.get_args(['--name', 'bench', '--img_size', str(args.img_size), '--train_batch_size',
                            str(args.batch), '--orders', args.orders, '--device', args.device, *precision, *recipe])
 

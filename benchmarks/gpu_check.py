@@ -762,7 +762,8 @@ def section_loader(check: Check) -> str:
     shapes = check.shapes
     args = loader.get_args(['--images', str(min(shapes.loader_images, 256)), '--img_size', '224' if check.cuda
                             else str(shapes.loader_img_size), '--num_workers', ','.join(map(str, shapes.workers)),
-                            '--rounds', '1', '--batch_size', '32' if check.cuda else '4', '--device', check.device.type])
+                            '--rounds', '1', '--batch_size', '32' if check.cuda else '4',
+                            '--device', check.device.type])
     rows = [check.row(f"{r['pipeline']} {r['dtype']} {r['workers']} workers", lambda r=r: r)
             for r in loader.loader_table(args)]
     return ', '.join(f"{r['name']} {r['images_s']:.0f} img/s" for r in rows if r['dtype'] == 'uint8')
@@ -891,7 +892,8 @@ def print_summary(check: Check, goals: list[dict]) -> None:
         check.line('\n| target | wanted | measured | met |')
         check.line('|---|---|---|---|')
         for goal in goals:
-            check.line(f"| {goal['measure']} | {goal['target']} | {goal['measured']} | {'yes' if goal['met'] else 'no'} |")
+            met = 'yes' if goal['met'] else 'no'
+            check.line(f"| {goal['measure']} | {goal['target']} | {goal['measured']} | {met} |")
     for setting in settings_to_paste(check):
         check.line(setting)
     check.line(f"\nwrote {check.out / 'gpu_check.md'}, gpu_check.json and gpu_check.log")

@@ -24,7 +24,8 @@ def one_line(error: BaseException, limit: int | None = 300) -> str:
 
 
 def check_file(path: Path, what: str, expected: str) -> None:
-    """One-line errors for a `what` path that is a folder, missing, a special file or empty (an interrupted download)."""
+    """One-line errors for a `what` path that is a folder, missing, a special file or empty (an interrupted
+    download)."""
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder: expected {expected}")
     if not path.exists():

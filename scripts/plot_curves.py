@@ -160,7 +160,8 @@ def markdown(summary: dict) -> str:
     seeds = f" (seeds {', '.join(str(r['seed']) for r in runs)})" if all(r['seed'] is not None for r in runs) else ''
     lines = [f"Validation accuracy over {len(runs)} runs{seeds}; mean ± sample sd"
              + ("; the difference pairs the runs of the same seed." if 'paired_difference' in summary else '.'), '',
-             f"| | steps to {threshold}, each | steps to {threshold} | best accuracy | final accuracy | training seconds |",
+             f"| | steps to {threshold}, each | steps to {threshold} | best accuracy | final accuracy "
+             "| training seconds |",
              '|---|---|---|---|---|---|']
     for row in rows:
         lines.append(f"| {row['label']} | {each(row['steps_to_threshold'])} | {mean_sd(row['steps_to_threshold'])} | "
@@ -181,14 +182,15 @@ def plot(models: list[tuple[str, list[dict]]], threshold: float, title: str) -> 
         values = np.array([run['values'] for run in runs])
         reached = describe([run['steps_to_threshold'] for run in runs])
         best = describe([run['best_acc'] for run in runs])
-        text = (f"{label}: " + (f"{threshold:.0%} at step {mean_sd(reached)}" if reached['n'] else f"never {threshold:.0%}")
-                + f", best {mean_sd(best, 100, '%', 1)}" + (f" ({len(runs)} runs)" if len(runs) > 1 else ''))
+        reach = f"{threshold:.0%} at step {mean_sd(reached)}" if reached['n'] else f"never {threshold:.0%}"
+        text = (f"{label}: {reach}, best {mean_sd(best, 100, '%', 1)}"
+                + (f" ({len(runs)} runs)" if len(runs) > 1 else ''))
         line, = ax.plot(steps, values.mean(0), marker='o', markersize=2.5, linewidth=1.5, label=text)
         if len(runs) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
         if reached['mean'] is not None:
-            ax.errorbar(reached['mean'], threshold - 0.03 * (index + 1), xerr=reached['sd'] or 0, color=line.get_color(),
-                        marker='|', markersize=12, capsize=4, linewidth=1.5)
+            ax.errorbar(reached['mean'], threshold - 0.03 * (index + 1), xerr=reached['sd'] or 0,
+                        color=line.get_color(), marker='|', markersize=12, capsize=4, linewidth=1.5)
     ax.axhline(threshold, color='grey', linestyle='--', linewidth=1)
     ax.set_xlabel('training step')
     ax.set_ylabel('validation accuracy')
@@ -210,7 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--threshold', type=float, default=0.9, help='accuracy whose first step is reported')
     parser.add_argument('--title', default='Validation accuracy on digits')
     parser.add_argument('--out', type=Path, default=Path('docs/convergence.png'))
-    parser.add_argument('--summary', type=Path, default=None, help='write the statistics to SUMMARY.json and SUMMARY.md')
+    parser.add_argument('--summary', type=Path, default=None,
+                        help='write the statistics to SUMMARY.json and SUMMARY.md')
     args = parser.parse_args(argv)
     for model in args.model:
         if len(model) < 2:

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> np.ndarray:
     print(f"{ckpt}: step {checkpoint.get('step')}, validation accuracy {accuracy:.2%}; mean routing weights:")
     for layer, row in enumerate(weights):
         print(f"layer {layer}: " + ', '.join(f"order {o} ({order_label(o)}) {w:.3f}" for o, w in zip(orders, row)))
-    title = f"What the routers of {args.run.name} learned ({run_args.get('dataset', '?')}, seed {run_args.get('seed', '?')})"
+    title = (f"What the routers of {args.run.name} learned ({run_args.get('dataset', '?')}, "
+             f"seed {run_args.get('seed', '?')})")
     fig = routing_layers_figure(weights, orders, history, title)
     try:
         outputs.save_figure(fig, args.out, TOOL, dpi=120)

@@ -109,7 +109,8 @@ def check_no_config_flags(weights: pretrained.Pretrained, model_type: str, order
 
 def load_model(path: str | Path, model_type: str = DEFAULT_MODEL_TYPE, orders: list[int] | None = None,
                img_size: int | None = None, num_classes: int | None = None, batch: int = 1,
-               device: torch.device | str = 'cpu', ema: bool = False) -> tuple[VisionTransformer, pretrained.Pretrained]:
+               device: torch.device | str = 'cpu',
+               ema: bool = False) -> tuple[VisionTransformer, pretrained.Pretrained]:
     """The whole model `path` holds (its weight average with `ema`), in eval mode (model/pretrained.py's
     `build_model`), after every check."""
     weights = pretrained.read(path, ema=ema)

@@ -79,5 +79,6 @@ def extensions_root() -> Path:
 
 
 def triton_interpreted() -> bool:
-    """Whether Triton runs its interpreter (`TRITON_INTERPRET=1`), where the `triton` implementation takes CPU tensors."""
+    """Whether Triton runs its interpreter (`TRITON_INTERPRET=1`), where the `triton` implementation takes CPU
+    tensors."""
     return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')

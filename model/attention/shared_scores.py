@@ -70,7 +70,8 @@ class _SharedScoresAttention(torch.autograd.Function):
             maps = _maps(q[samples, heads], k[samples, heads], rows[samples], index, valid, widths, fused, workspaces)
             outputs.append(maps.mixed @ v[samples, heads])
         keep = len(pieces) == 1 and q.shape[0] * q.shape[1] * q.shape[2] ** 2 <= KEEP_ELEMENTS
-        ctx.save_for_backward(q, k, v, rows, index, valid, *(maps.probs, maps.mixed, *maps.window_probs) if keep else ())
+        kept = (maps.probs, maps.mixed, *maps.window_probs) if keep else ()
+        ctx.save_for_backward(q, k, v, rows, index, valid, *kept)
         ctx.widths, ctx.fused = widths, fused
         return _stitch(pieces, outputs, q)
 

@@ -3,7 +3,8 @@ their gradients in one pass per row, in cache, instead of a dozen passes of PyTo
 
 It is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja: about 30 s, once per source,
 flags, Python and torch version; `make` does it when it creates .venv) for the instruction set torch reports. Where
-it cannot be built, a one-line warning says why and routed attention runs its PyTorch ops; `TRAR_CPU_KERNEL=0` asks for those.
+it cannot be built, a one-line warning says why and routed attention runs its PyTorch ops; `TRAR_CPU_KERNEL=0` asks
+for those.
 """
 import functools
 import hashlib

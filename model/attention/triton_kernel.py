@@ -116,7 +116,8 @@ def _check_inputs(q, k, v, alphas, grid, orders, prefix) -> None:
     if alphas.shape != (q.shape[0], len(orders)):
         raise ValueError(f"alphas must be (B, L) = {(q.shape[0], len(orders))}, got {tuple(alphas.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share a float16, bfloat16 or float32 dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k, v must share a float16, bfloat16 or float32 dtype, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
     if q.device.type != 'cuda' and not INTERPRETED:
         raise ValueError(f"triton_routed_attention runs on CUDA tensors, got {q.device} (on the CPU only with "
                          f"TRITON_INTERPRET=1 set before import)")
@@ -413,13 +414,14 @@ def _tile_grads(query_block, k, v, keys, radius, N, PREFIX, GRID_W, SCALE2, LOCA
         allowed = _allowed(local_query, keys, radius, PREFIX, GRID_W) & key_in
         p = tl.where(allowed, tl.exp2(_stack(s, LOCAL_PAD, BLOCK_M, BLOCK_N) - lse_l[:, None]), 0.0) * weight_l[:, None]
         mixed += _unstack_sum(p, LOCAL_PAD, BLOCK_M, BLOCK_N)
-        ds += _unstack_sum(p * (_stack(dp, LOCAL_PAD, BLOCK_M, BLOCK_N) - delta_l[:, None]), LOCAL_PAD, BLOCK_M, BLOCK_N)
+        ds += _unstack_sum(p * (_stack(dp, LOCAL_PAD, BLOCK_M, BLOCK_N) - delta_l[:, None]), LOCAL_PAD, BLOCK_M,
+                           BLOCK_N)
     return mixed, ds
 
 
 @triton.jit
-def _kv_step(Q, DO, W, LSE, DELTA, RADII, k, v, keys, dk, dv, b, head, bh, qb, radius, sq_b, sq_h, sq_n, so_b, so_h, so_n,
-             N, D, PREFIX, GRID_W, SCALE2, G, LOCAL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+def _kv_step(Q, DO, W, LSE, DELTA, RADII, k, v, keys, dk, dv, b, head, bh, qb, radius, sq_b, sq_h, sq_n, so_b, so_h,
+             so_n, N, D, PREFIX, GRID_W, SCALE2, G, LOCAL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
              NUM_LOCAL: tl.constexpr, LOCAL_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Fold one query block into the key block's dK and dV."""

@@ -127,7 +127,8 @@ def check_against_formula(name, batch, heads, grid, orders, head_dim, prefix, pr
     assert got[0].shape == q.shape and got[0].dtype == (dtype or torch.float32)
     for what, mine, baseline, want in zip(('out', 'q', 'k', 'v', 'alphas'), got, plain, exact):
         allowed = allowed_error(baseline, want, dtype)
-        assert max_error(mine, want) <= allowed, f"{name} {precision} {what}: {max_error(mine, want):.3g} > {allowed:.3g}"
+        error = max_error(mine, want)
+        assert error <= allowed, f"{name} {precision} {what}: {error:.3g} > {allowed:.3g}"
 
 
 @pytest.mark.parametrize('precision', ['fp32', 'bf16'])

@@ -206,7 +206,8 @@ class HostSyncAudit(TorchDispatchMode):
 def test_training_step_makes_no_host_sync():
     """A routed model's training step through the dispatcher (dense path) reads nothing back from the device.
 
-    The flex path's own audit is CUDA's (tests/attention/test_attention_cuda.py): its operator cannot run under this mode."""
+    The flex path's own audit is CUDA's (tests/attention/test_attention_cuda.py): its operator cannot run under this
+    mode."""
     config = get_config('testing')
     config.transformer.orders = [0, 1, 2]
     config.transformer.attention = 'dense'

@@ -1,4 +1,5 @@
-"""benchmarks/bench.py: its baselines compute routed attention, and the script prints its tables from a fresh process."""
+"""benchmarks/bench.py: its baselines compute routed attention, and the script prints its tables from a fresh
+process."""
 import argparse
 import re
 import subprocess

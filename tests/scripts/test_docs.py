@@ -133,7 +133,8 @@ sys.stdout.write(json.dumps(results))
 def helps() -> dict[str, str]:
     """Each script's `--help` output (and torchrun's flags); a script whose --help does not exit 0 fails the test."""
     run = subprocess.run([sys.executable, '-c', HELP_RUNNER, *SCRIPTS], cwd=ROOT, text=True, capture_output=True,
-                         timeout=300, env={**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, (str(ROOT), os.environ.get('PYTHONPATH'))))})
+                         timeout=300, env={**os.environ, 'PYTHONPATH': os.pathsep.join(
+                             filter(None, (str(ROOT), os.environ.get('PYTHONPATH'))))})
     assert run.returncode == 0, f'--help runner failed: {run.stderr.strip()[-500:]}'
     results = json.loads(run.stdout)
     for script, (code, _) in results.items():
@@ -158,7 +159,8 @@ def test_documented_flags_exist(script):
 def test_every_documented_flag_exists():
     """Flags the docs name without saying whose: each is a flag of a script here (their --help, or the argparse
     source of benchmarks/ and scripts/), of torchrun, or of tensorboard (`tensorboard --logdir output`)."""
-    sources = ' '.join(path.read_text() for folder in ('benchmarks', 'scripts') for path in (ROOT / folder).glob('*.py'))
+    sources = ' '.join(path.read_text() for folder in ('benchmarks', 'scripts')
+                       for path in (ROOT / folder).glob('*.py'))
     known = {*re.findall(r"add_argument\('(--[\w-]+)'", sources), *FLAG.findall(' '.join(helps().values())),
              '--logdir'}
     named = {flag for path in DOCS for flag in FLAG.findall(path.read_text())}

@@ -50,8 +50,9 @@ def test_dry_run_reports_every_section_and_writes_its_tables(tmp_path):
 def carried_wheel():
     """The ml_collections wheel in .wheels/, downloaded as the README says when missing (PyPI is reachable here)."""
     if not list((ROOT / '.wheels').glob('ml_collections-*.whl')):
-        download = subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '-d', str(ROOT / '.wheels'),
-                                   'ml_collections'], capture_output=True, text=True, timeout=300)
+        download = subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps',
+                                   '-d', str(ROOT / '.wheels'), 'ml_collections'],
+                                  capture_output=True, text=True, timeout=300)
         if download.returncode != 0:
             pytest.skip(f"no ml_collections wheel in .wheels/ and pip download failed: {download.stderr[-300:]}")
 
@@ -86,7 +87,8 @@ def test_tests_run_most_valuable_first_and_leave_none_out():
     assert groups == sorted(groups, key=order.index)  # pytest keeps the given order
     formula = [node for node, group in zip(collected, groups) if group == 'implementations vs float64']
     assert formula[0].split('[')[1].startswith('triton') and not any('[flex' in node for node in formula)
-    for path in ('tests/attention/test_attention_cuda.py', 'tests/training/test_cuda_training.py'):  # every test function of both
+    # every test function of both
+    for path in ('tests/attention/test_attention_cuda.py', 'tests/training/test_cuda_training.py'):
         defined = set(re.findall(r'^def (test_\w+)', (ROOT / path).read_text(), flags=re.M))
         assert defined == {node.split('::')[1].split('[')[0] for node in collected if node.startswith(path)}, path
 

@@ -79,7 +79,8 @@ def test_each_run_reads_as_train_py_printed_and_wrote_it(runs):
     assert record['tag'] == 'val/accuracy' and record['seed'] == 1
     assert record['steps'] == sorted(printed) == [5, 10, 15, 20]
     np.testing.assert_allclose(record['values'], [printed[s] for s in record['steps']], atol=1e-4)
-    assert record['best_acc'] == pytest.approx(results['best_acc']) and record['final_acc'] == pytest.approx(results['final_acc'])
+    assert record['best_acc'] == pytest.approx(results['best_acc'])
+    assert record['final_acc'] == pytest.approx(results['final_acc'])
     assert record['steps_to_threshold'] == min(s for s, acc in printed.items() if acc >= threshold - 1e-4)
     assert record['seconds'] == results['seconds']
     assert plot_curves.run_record(run_dir, None, 1.01)['steps_to_threshold'] is None
@@ -166,7 +167,8 @@ def test_mean_routing_weights_average_every_image_of_the_validation_set(runs):
 
 def test_routing_picture_shows_the_validation_means_and_the_logged_history(runs, tmp_path):
     run_dir = runs['trar', 1][0]
-    weights = plot_routing.main([str(run_dir), '--out', str(tmp_path / 'routing.png'), '--json', str(tmp_path / 'r.json')])
+    weights = plot_routing.main([str(run_dir), '--out', str(tmp_path / 'routing.png'),
+                                 '--json', str(tmp_path / 'r.json')])
     history = plot_routing.routing_history(run_dir)
     layers = len(history)
     assert sorted(history) == list(range(layers)) and all(sorted(h) == [0, 1, 2] for h in history.values())

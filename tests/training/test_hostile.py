@@ -249,7 +249,8 @@ def test_routing_plots_never_overwrite_an_input_or_each_other_and_are_checked_fi
     before = images[1].read_bytes()
     (tmp_path / 'file').write_text('not a folder')
     missing = tmp_path / 'missing.ckpt'  # the plot is refused before any model is loaded
-    for plot, message in ((images[1], f'--routing_plot {images[1]} is an input of this run .*: it is never written over'),
+    for plot, message in ((images[1], f'--routing_plot {images[1]} is an input of this run .*: it is never written '
+                                      'over'),
                           (tmp_path / 'r.xyz', r"r\.xyz: expected a file name ending in .*\.png"),
                           (tmp_path / 'file' / 'r.png', f"{tmp_path / 'file'} is a file, not a folder")):
         status = cli.main(['--ckpt', str(missing), '--image', str(images[1]), '--routing_plot', str(plot)])
@@ -523,7 +524,8 @@ def test_a_class_count_that_is_not_the_heads_is_one_line(tiny_checkpoint, tmp_pa
 @pytest.mark.parametrize('flags, message', [
     ({'orders': [0, 9]}, '--orders 0,9: {ckpt} is a train.py checkpoint, which carries its own config (orders 0,1)'),
     ({'orders': []}, '--orders none: {ckpt} is a train.py checkpoint'),
-    ({'num_classes': 7}, '--num_classes 7: {ckpt} is a train.py checkpoint, which carries its own config (num_classes 10)'),
+    ({'num_classes': 7}, '--num_classes 7: {ckpt} is a train.py checkpoint, which carries its own config '
+                         '(num_classes 10)'),
     ({'model_type': 'demo'}, "--model_type demo: {ckpt} is a train.py checkpoint, which carries its own config "
                              "(model_type testing)"),
 ])

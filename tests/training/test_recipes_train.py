@@ -63,7 +63,8 @@ def test_recipe_trains_resumes_exactly_after_sigkill_and_evaluates(tmp_path, cap
                                      '--device', 'cpu', '--use_ema'], cwd=ROOT, capture_output=True, text=True,
                                     timeout=300)
         assert evaluation.returncode != 0 and evaluation.stderr.strip().splitlines() == [
-            f"eval.py: error: {checkpoint} holds no EMA weights: expected a train.py checkpoint of a run with --model_ema"]
+            f"eval.py: error: {checkpoint} holds no EMA weights: expected a train.py checkpoint of a run with "
+            "--model_ema"]
 
 
 @pytest.mark.parametrize('flags,message', [
