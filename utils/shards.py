@@ -47,8 +47,8 @@ def tar_members(stream: BinaryIO, url: str) -> Iterator[dict]:
     130 us an image here, which made shards slower than the folder reader (docs/data.md). A short header or
     member, a header whose checksum is wrong and any member that is not a regular file raise tarfile.ReadError.
     """
+    header = read_exactly(stream, TAR_BLOCK)
     while True:
-        header = stream.read(TAR_BLOCK)
         if not header or header == bytes(TAR_BLOCK):  # the stream's end, or the archive's end-of-archive blocks
             return
         if len(header) < TAR_BLOCK:
@@ -66,10 +66,29 @@ def tar_members(stream: BinaryIO, url: str) -> Iterator[dict]:
             name = f"{prefix.decode('utf-8', 'replace')}/{name}"
         if header[156:157] not in (b'0', b'\0'):
             raise tarfile.ReadError(f"member {name} is of tar type {header[156:157]!r}: expected a regular file")
-        data = stream.read(size)
-        if len(data) < size or len(stream.read(-size % TAR_BLOCK)) < -size % TAR_BLOCK:
+        data = read_exactly(stream, size)
+        padding = -size % TAR_BLOCK
+        after = read_exactly(stream, padding + TAR_BLOCK)  # the member's padding and the next header, in one read
+        if len(data) < size or len(after) < padding:
             raise tarfile.ReadError('unexpected end of data')
         yield {'fname': name, 'data': data, '__url__': url}
+        header = after[padding:]
+
+
+def read_exactly(stream: BinaryIO, size: int) -> bytes:
+    """`size` bytes of `stream`, fewer only at its end: read a READ_BUFFER at a time, so that a damaged header's
+    size field (up to 8 GiB) allocates only what the stream holds, and a pipe's short reads are joined."""
+    data = stream.read(min(size, READ_BUFFER))
+    if len(data) == size or not data:
+        return data
+    parts, done = [data], len(data)
+    while done < size:
+        part = stream.read(min(size - done, READ_BUFFER))
+        if not part:
+            break
+        parts.append(part)
+        done += len(part)
+    return b''.join(parts)
 
 
 @contextlib.contextmanager

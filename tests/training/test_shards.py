@@ -156,7 +156,7 @@ def test_damaged_shards_are_named_in_one_line_or_skipped(tmp_path):
 
 
 def test_tar_members_reads_what_tarfile_reads_and_refuses_damaged_headers(tmp_path):
-    from utils.shards import tar_members
+    from utils.shards import READ_BUFFER, TAR_BLOCK, tar_members
     rng = np.random.default_rng(0)
     files = [('a' * 60 + '/' + 'b' * 70 + '.jpg', rng.bytes(1000)), ('x.cls', b'3'), ('empty.txt', b''),
              ('block.bin', rng.bytes(1024))]  # a name only ustar's prefix field holds; sizes 0 and whole blocks
@@ -181,6 +181,22 @@ def test_tar_members_reads_what_tarfile_reads_and_refuses_damaged_headers(tmp_pa
         with pytest.raises(tarfile.ReadError, match=error):
             members(damaged)
     assert members(whole[:second]) == [files[0][0]]  # cut between members: the count against the metadata tells
+
+    class Trickle(io.BytesIO):
+        """A stream that gives at most 100 bytes a read, as a pipe may, and records what each read asked for."""
+        asked: list[int] = []
+
+        def read(self, size=-1):
+            self.asked.append(size)
+            return super().read(min(size, 100))
+    assert [(m['fname'], m['data']) for m in tar_members(Trickle(whole), 'u')] == files  # short reads joined
+    huge = bytearray(whole[:TAR_BLOCK])  # a damaged size field: 8 GiB, in a stream of 1,000 bytes
+    huge[124:136], huge[148:156] = b'77777777777\0', b' ' * 8
+    huge[148:156] = b'%06o\0 ' % sum(huge)
+    Trickle.asked.clear()
+    with pytest.raises(tarfile.ReadError, match='unexpected end of data'):
+        list(tar_members(Trickle(bytes(huge) + whole[TAR_BLOCK:2 * TAR_BLOCK]), 'u'))
+    assert max(Trickle.asked) <= READ_BUFFER  # no read asks for (so allocates) the 8 GiB
     folder = tarfile.TarInfo('folder')
     folder.type = tarfile.DIRTYPE
     buffer = io.BytesIO()
