@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils.data_utils import Augmented, collate_skipping_none, load_split
+from utils.data_utils import Augmented, load_split
 from utils.images import Skipped, UnreadableImage, eval_pixels, train_pixels
 from utils.shards import ShardImages, TrainingShards
 from train_helpers import killed_and_resumed, tiny_args, weights
