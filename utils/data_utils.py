@@ -10,6 +10,7 @@ Augmentation randomness is a function of (seed, epoch, sample index) only, so it
 The loader workers only decode, crop, resize and flip, in uint8 (utils/images.py); batches are collated in
 uint8 and converted and normalised on the device (`DeviceBatches`) with the parameters of a `Preprocess`.
 """
+import functools
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -21,7 +22,7 @@ from torchvision import datasets
 
 from utils.errors import one_line
 from utils.folders import ImageFiles, class_folders, imagenet_1k_names, imagenet_names
-from utils.images import Preprocess, Skipped, normalize, transformed
+from utils.images import Preprocess, Skipped, normalize, transformed_batch
 from utils.shards import ShardImages
 
 
@@ -90,8 +91,14 @@ class Augmented(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int):
-        return transformed(lambda: self.source.load(index), self.transform, (self.seed, self.epoch, index), index,
-                           getattr(self.source, 'skip_corrupt', False))
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch's samples, which a DataLoader asks for at once: `[self[i] for i in indices]`, with the random
+        draws of all of them before their decoding (`transformed_batch`)."""
+        return transformed_batch([functools.partial(self.source.load, index) for index in indices], self.transform,
+                                 [(self.seed, self.epoch, index) for index in indices], indices,
+                                 getattr(self.source, 'skip_corrupt', False))
 
 
 def collate_skipping_none(batch: list, image_shape: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, torch.Tensor,

@@ -1,5 +1,6 @@
 """Images: opening and decoding with one-line errors, the uint8 training and evaluation transforms, their
-normalisation (`Preprocess`, `normalize`) and the per-sample seeding of a transform (`transformed`).
+normalisation (`Preprocess`, `normalize`) and the per-sample seeding of a transform (`transformed`,
+`transformed_batch`).
 """
 import functools
 import logging
@@ -197,18 +198,32 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return TF.pil_to_tensor(image)
 
 
-def eval_pixels(img_size: int, preprocess: Preprocess = Preprocess()) -> Callable[[Image.Image], torch.Tensor]:
+class EvalPixels:
     """The evaluation transform in uint8: decode, RGB, resize (and centre crop, see `Preprocess`), all by PIL:
-    torchvision's pixels exactly."""
-    def transform(image: Image.Image) -> torch.Tensor:
-        image = to_rgb(decode(image))
+    torchvision's pixels exactly. It draws nothing: its `plan` is empty, its `render` the whole transform (so that
+    `transformed_batch` opens a batch's files before decoding them)."""
+
+    def __init__(self, img_size: int, preprocess: Preprocess = Preprocess()):
+        self.img_size, self.preprocess = img_size, preprocess
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.render(image, self.plan(image))
+
+    def plan(self, image: Image.Image) -> None:
+        return None
+
+    def render(self, image: Image.Image, plan: None) -> torch.Tensor:
+        image, size, preprocess = to_rgb(decode(image)), self.img_size, self.preprocess
         if preprocess.crop_pct == 1.0 and not preprocess.keep_aspect:
-            image = TF.resize(image, [img_size, img_size], preprocess.resample)
+            image = TF.resize(image, [size, size], preprocess.resample)
         else:
-            image = TF.center_crop(TF.resize(image, int(img_size / preprocess.crop_pct), preprocess.resample),
-                                   [img_size, img_size])
+            image = TF.center_crop(TF.resize(image, int(size / preprocess.crop_pct), preprocess.resample), [size, size])
         return to_uint8_tensor(image)
-    return transform
+
+
+def eval_pixels(img_size: int, preprocess: Preprocess = Preprocess()) -> EvalPixels:
+    """The evaluation transform in uint8 (`EvalPixels`)."""
+    return EvalPixels(img_size, preprocess)
 
 
 class TrainPixels:
@@ -232,8 +247,16 @@ class TrainPixels:
         return next((r for r in (8, 4, 2) if min(width, height) / r >= self.img_size), 1)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.render(image, self.plan(image))
+
+    def plan(self, image: Image.Image) -> tuple[int, int, int, int, bool]:
+        """The random draws: the crop box (top, left, height, width) and whether to flip."""
         top, left, height, width = transforms.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
-        flip = self.flip and bool(torch.rand(1) < 0.5)
+        return top, left, height, width, self.flip and bool(torch.rand(1) < 0.5)
+
+    def render(self, image: Image.Image, plan: tuple[int, int, int, int, bool]) -> torch.Tensor:
+        """The pixels of a `plan`: decoding, crop, resize and flip, with no random draw."""
+        top, left, height, width, flip = plan
         full_width, full_height = image.size
         reduce = self.reduction(width, height)
         size = [self.img_size, self.img_size]
@@ -292,13 +315,37 @@ def transformed(load: Callable[[], tuple[Image.Image, int]], transform: Callable
     """`transform` of the loaded image with torch's CPU generator seeded by `key` for this sample only (not
     torch.manual_seed, which would also reseed the CUDA generators that dropout uses). An unreadable image
     raises UnreadableImage or, with `skip_corrupt`, is logged and gives `Skipped(index)`."""
+    def apply() -> tuple[torch.Tensor, int]:
+        image, target = load()
+        return transform(image), target
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
-        try:
-            image, target = load()
-            return transform(image), target
-        except UnreadableImage as error:
-            if not skip_corrupt:
-                raise UnreadableImage(f"{error} (use --skip_corrupt to skip such files)") from None
-            logger.warning("skipping %s", error)
-            return Skipped(index)
+        return skipping(apply, index, skip_corrupt)
+
+
+def transformed_batch(loads: list[Callable[[], tuple[Image.Image, int]]], transform: Callable, keys: list[tuple],
+                      indices: list[int], skip_corrupt: bool) -> list[tuple[torch.Tensor, int] | Skipped]:
+    """`transformed` of several samples, the same results: for a transform with `plan` and `render`
+    (`TrainPixels`), every sample's random draws first, each under its own seed, then every sample's decoding and
+    resizing. The draws and file openings of a batch then run together, not each after a decode has emptied the
+    caches, which made them several times slower (docs/data.md)."""
+    if not hasattr(transform, 'plan'):
+        return [transformed(load, transform, key, index, skip_corrupt)
+                for load, key, index in zip(loads, keys, indices)]
+    plans = [transformed(load, lambda image: (image, transform.plan(image)), key, index, skip_corrupt)
+             for load, key, index in zip(loads, keys, indices)]  # ((image, plan), target) or Skipped
+    return [item if isinstance(item, Skipped) else
+            skipping(lambda item=item: (transform.render(*item[0]), item[1]), index, skip_corrupt)
+            for item, index in zip(plans, indices)]
+
+
+def skipping(make: Callable, index: int, skip_corrupt: bool):
+    """`make()`, or for an unreadable image (UnreadableImage) `Skipped(index)` with `skip_corrupt` (logged), else
+    the error with the flag that skips such files."""
+    try:
+        return make()
+    except UnreadableImage as error:
+        if not skip_corrupt:
+            raise UnreadableImage(f"{error} (use --skip_corrupt to skip such files)") from None
+        logger.warning("skipping %s", error)
+        return Skipped(index)

@@ -1,6 +1,7 @@
 """Tar shards from scripts/make_shards.py, streamed with webdataset: their metadata, and `ShardImages`.
 """
 import contextlib
+import functools
 import glob
 import io
 import itertools
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from utils.errors import one_line
-from utils.images import IMAGE_EXTENSIONS, Skipped, UnreadableImage, open_image, transformed
+from utils.images import IMAGE_EXTENSIONS, Skipped, UnreadableImage, open_image, transformed_batch
 
 
 SHARD_FORMAT = 'trar-vit image shards v1'
@@ -36,6 +37,7 @@ class ShardError(UnreadableImage):
 
 
 TAR_BLOCK = 512
+PLAN_AHEAD = 16  # samples whose random draws are made before their decoding (`transformed_batch`)
 READ_BUFFER = 1 << 20  # bytes per read of a shard's stream
 
 
@@ -189,16 +191,19 @@ class ShardImages(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         split, mine = self.world_size * workers, self.rank * workers + worker
-        for shard in range(mine, len(self.urls), split):
-            yield from map(self._item, itertools.repeat(shard), self._samples(shard))
+        yield from self._transformed((shard, sample) for shard in range(mine, len(self.urls), split)
+                                     for sample in self._samples(shard))
 
-    def _item(self, shard: int, sample: tuple[int, dict | None]) -> tuple[torch.Tensor, int] | Skipped:
-        """A sample of `_samples` transformed (seeded by seed, epoch and index), or Skipped."""
-        index, data = sample
-        if data is None:
-            return Skipped(index)
-        return transformed(lambda: self._decode(self.urls[shard], index, data), self.transform,
-                           (self.seed, self.epoch, index), index, self.skip_corrupt)
+    def _transformed(self, samples: Iterator[tuple[int, tuple[int, dict | None]]]) -> Iterator:
+        """Each (shard, `_samples` item) transformed (seeded by seed, epoch and index), or Skipped: PLAN_AHEAD of
+        them at a time, their random draws before their decoding (`transformed_batch`)."""
+        while chunk := list(itertools.islice(samples, PLAN_AHEAD)):
+            readable = [(shard, index, data) for shard, (index, data) in chunk if data is not None]
+            done = iter(transformed_batch(
+                [functools.partial(self._decode, self.urls[shard], index, data) for shard, index, data in readable],
+                self.transform, [(self.seed, self.epoch, index) for _, index, _ in readable],
+                [index for _, index, _ in readable], self.skip_corrupt))
+            yield from (Skipped(index) if data is None else next(done) for _, (index, data) in chunk)
 
     def _decode(self, url: str, index: int, sample: dict) -> tuple[Image.Image, int]:
         images = [key for key in sample if '.' + key in IMAGE_EXTENSIONS]
@@ -270,6 +275,10 @@ class TrainingShards(ShardImages):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         begin, end = self.worker_range(worker, workers)
+        yield from self._transformed(self._needed(begin, end))
+
+    def _needed(self, begin: int, end: int) -> Iterator[tuple[int, tuple[int, dict | None]]]:
+        """(shard, `_samples` item) of the stream positions [begin, end)."""
         position = 0  # of the shard's first image in the stream
         for shard in self.shard_order():
             count = min(self.shard_size, self.size - shard * self.shard_size)
@@ -277,7 +286,7 @@ class TrainingShards(ShardImages):
                 needed = itertools.islice(self._samples(shard), end - position)  # no image past `end` is read
                 for at, sample in enumerate(needed, start=position):
                     if at >= begin:
-                        yield self._item(shard, sample)
+                        yield shard, sample
             position += count
             if position >= end:
                 return

@@ -13,8 +13,8 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from utils.data_utils import Augmented, DeviceBatches, collate_skipping_none, load_split
-from utils.images import (Preprocess, TrainPixels, UnreadableImage, decode, eval_pixels, get_eval_transform,
-                          jpeg_pixels, normalize, open_image, read_image, to_rgb, train_pixels)
+from utils.images import (Preprocess, Skipped, TrainPixels, UnreadableImage, decode, eval_pixels, get_eval_transform,
+                          jpeg_pixels, normalize, open_image, read_image, to_rgb, train_pixels, transformed)
 
 PHOTO = Path(matplotlib.get_data_path()) / 'sample_data' / 'grace_hopper.jpg'  # a real 512 x 600 JPEG
 
@@ -89,6 +89,42 @@ def test_training_crops_and_flips_are_torchvisions_for_the_same_seeds(interpolat
         reduced += 1
         assert error < 6 and error < mirrored / 2, (seed, error, mirrored)
     assert reduced >= 8 and tensor_resized >= 8 and 10 <= flips <= 30
+
+
+def test_a_batch_makes_its_draws_first_and_gives_each_sample_what_it_gives_alone(tmp_path):
+    """`Augmented.__getitems__` (what a DataLoader calls) plans every sample of a batch, then decodes them: the same
+    pixels, labels and skipped entries as `transformed` one sample at a time, with JPEGs on either decode path, a
+    PNG, a file PIL cannot open and a JPEG that fails in its decode, in any order and with repeats."""
+    photo = read_image(PHOTO)
+    for i, size in enumerate([(500, 375), (375, 500), (1200, 900), (300, 200)]):
+        folder = tmp_path / 'train' / f'c{i % 2}'
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f'{i}.jpg').write_bytes(jpeg(photo.resize(size)))
+    photo.resize((64, 48)).save(tmp_path / 'train' / 'c0' / 'png.png')
+    (tmp_path / 'train' / 'c0' / 'text.jpg').write_text('not an image')
+    (tmp_path / 'train' / 'c1' / 'cut.jpg').write_bytes(jpeg(photo.resize((300, 200)))[:-3000])
+    source = load_split('imagenet', str(tmp_path), train=True, skip_corrupt=True)
+    assert len(source) == 7
+    transform = train_pixels(224, 'flip')
+    dataset = Augmented(source, transform, seed=3)
+    dataset.set_epoch(2)
+    for indices in ([0, 1, 2, 3, 4, 5, 6], [6, 2, 5, 2, 0, 4, 1, 3]):
+        alone = [transformed(lambda i=i: source.load(i), transform, (3, 2, i), i, skip_corrupt=True)
+                 for i in indices]
+        batch = dataset.__getitems__(indices)
+        assert [item for item in batch if isinstance(item, Skipped)] == \
+               [item for item in alone if isinstance(item, Skipped)] and len(batch) == len(indices)
+        assert {source.samples[item.index][0].split('/')[-1] for item in batch if isinstance(item, Skipped)} == \
+               {'text.jpg', 'cut.jpg'}
+        for got, want in zip(batch, alone):
+            if not isinstance(want, Skipped):
+                assert torch.equal(got[0], want[0]) and got[1] == want[1]
+    source.skip_corrupt = False
+    names = [path.split('/')[-1] for path, _ in source.samples]
+    with pytest.raises(UnreadableImage, match=r'text\.jpg: not an image format .*\(use --skip_corrupt'):
+        dataset.__getitems__(list(range(7)))  # it fails in its planning, before any decode
+    with pytest.raises(UnreadableImage, match=r'cut\.jpg: damaged or truncated .*\(use --skip_corrupt'):
+        dataset.__getitems__([i for i, name in enumerate(names) if name != 'text.jpg'])
 
 
 def test_jpeg_pixels_are_pils_decode_and_other_formats_are_left_to_pil(tmp_path):
