@@ -28,7 +28,7 @@ import tarfile
 import numpy as np
 
 from utils.folders import imagenet_names, scan_image_folder  # noqa: E402
-from utils.shards import SHARD_FORMAT, SHARD_META  # noqa: E402
+from utils.shards import SHARD_FORMAT, SHARD_META, ShardError, open_shard  # noqa: E402
 from utils.errors import command_line  # noqa: E402
 from utils.files import write_atomic  # noqa: E402
 
@@ -58,17 +58,15 @@ def shard_meta(plan: dict, shard: int, first: int, count: int) -> dict:
 
 
 def existing_meta(path: Path) -> dict | None:
-    """The metadata of a complete shard at `path` (every member readable), None if it is not one."""
+    """The metadata of a complete shard at `path` (a regular file whose every member reads), None if it is not one
+    (a FIFO or other special file is never opened)."""
+    if not path.is_file():
+        return None
     try:
-        with tarfile.open(path, mode='r:') as tar:
-            members = tar.getmembers()
-            if not members or members[0].name != SHARD_META:
-                return None
-            meta = json.loads(tar.extractfile(members[0]).read())
-            for member in members[1:]:
-                tar.extractfile(member).read()
-        return meta if len(members) == 1 + 2 * meta.get('images', -1) else None
-    except (OSError, tarfile.TarError, ValueError, AttributeError):
+        with open_shard(str(path)) as (meta, members):
+            count = sum(1 for _ in members)
+        return meta if count == 2 * meta.get('images', -1) else None
+    except (ShardError, OSError, tarfile.TarError):
         return None
 
 

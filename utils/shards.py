@@ -7,6 +7,8 @@ import io
 import itertools
 import json
 import logging
+import os
+import stat
 import tarfile
 from typing import BinaryIO, Callable, Iterator
 
@@ -99,6 +101,9 @@ def open_shard(url: str) -> Iterator[tuple[dict, Iterator[dict]]]:
     from one stream that webdataset's `gopen` opens (a path, or any URL it reads). ShardError names the shard."""
     from webdataset.gopen import gopen
     try:
+        if os.path.exists(url) and not stat.S_ISREG(os.stat(url).st_mode):  # a local FIFO would block forever
+            raise ShardError(f"cannot read shard {url}: not a regular file (FIFOs, devices and sockets are never "
+                             "opened)")
         stream = gopen(url, bufsize=READ_BUFFER)
     except OSError as error:
         raise ShardError(f"cannot read shard {url}: {one_line(error)}") from None
@@ -173,7 +178,7 @@ class ShardImages(torch.utils.data.IterableDataset):
                     seen += 1
                     yield index, sample
             except (OSError, EOFError, ValueError, tarfile.TarError) as error:  # a damaged tar
-                reason = str(error.args[0]).split(' @ ')[0] if error.args else type(error).__name__
+                reason = str(error.args[0]) if error.args else type(error).__name__  # group_by_keys appends to args
                 self._lost(url, first + seen, first + count, one_line(reason))
                 yield from ((i, None) for i in range(first + seen, first + count))
                 return

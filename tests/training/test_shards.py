@@ -108,6 +108,12 @@ def test_shards_are_deterministic_resumable_and_never_replace_other_files(tmp_pa
     with pytest.raises(FileExistsError, match=r'train-000002\.tar exists and is not shard 2 of this plan'):
         shard(root, tmp_path / 'd')
     assert sorted(f.name for f in (tmp_path / 'd').iterdir()) == ['train-000002.tar']  # found before writing any
+    (tmp_path / 'e').mkdir()
+    os.mkfifo(tmp_path / 'e' / 'train-000001.tar')  # opening it to read would block forever
+    with pytest.raises(FileExistsError, match=r'train-000001\.tar exists and is not shard 1 of this plan'):
+        shard(root, tmp_path / 'e')
+    with pytest.raises(UnreadableImage, match=r'cannot read shard .*train-000001\.tar: not a regular file'):
+        ShardImages(str(tmp_path / 'e' / 'train-000001.tar'), eval_pixels(8))
 
 
 def rewrite(path: Path, edit) -> None:
